@@ -1,0 +1,39 @@
+"""Loads the compiled extension ``capkit._C`` once; capkit works without it (with a warning)."""
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Optional
+
+
+@functools.lru_cache(maxsize=None)
+def load_extension():
+    """Return the ``capkit._C`` module, or None (after one warning) when it cannot be imported."""
+    import torch  # noqa: F401  (the extension links against libtorch, which torch loads)
+
+    try:
+        from capkit import _C  # type: ignore[attr-defined]
+    except ImportError as exc:
+        warnings.warn(
+            f"capkit's compiled extension is not available ({exc}); the 'cpu' and 'cuda' backends are "
+            "disabled and capkit falls back to its PyTorch reference. Reinstall with "
+            "`pip install --no-build-isolation .` to build it.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    return _C
+
+
+@functools.lru_cache(maxsize=None)
+def extension_error() -> Optional[str]:
+    try:
+        from capkit import _C  # noqa: F401
+    except ImportError as exc:
+        return str(exc)
+    return None
+
+
+def build_info() -> dict:
+    ext = load_extension()
+    return dict(ext.build_info()) if ext is not None else {}

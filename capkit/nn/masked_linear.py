@@ -1,0 +1,146 @@
+"""``MaskedLinear``: a drop-in for ``nn.Linear`` whose weight is multiplied by a mask inside the
+fused op (``capkit.ops.masked_linear``), never materialised."""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from capkit.ops import BlockMask, NMMask, masked_linear
+
+__all__ = ["MaskedLinear", "TopKStraightThrough"]
+
+
+class TopKStraightThrough(torch.autograd.Function):
+    """0/1 mask keeping the ``keep`` fraction of highest scores; the gradient passes to the scores
+    unchanged (straight-through estimator of movement pruning)."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, keep: float) -> torch.Tensor:
+        n = scores.numel()
+        k = max(1, min(n, int(round(keep * n))))
+        flat = scores.detach().reshape(-1).float()
+        # k-th largest = (n - k + 1)-th smallest; a selection, not a sort.
+        threshold = flat.kthvalue(n - k + 1).values
+        return (scores >= threshold).to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class MaskedLinear(nn.Module):
+    """``y = x @ (weight * mask)^T + bias``.
+
+    The mask is one of: a dense 0/1 buffer (``set_mask``), a :class:`BlockMask` or
+    :class:`NMMask` (``set_mask``), or learnable ``scores`` with a kept fraction ``keep``
+    (``init_scores``), in which case the top-``keep`` scores form the mask and the scores get the
+    straight-through gradient ``(dy^T x) * weight``. ``block_size`` turns a dense mask into a
+    block layout so that all-zero blocks are skipped.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        block_size: Optional[int] = None,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if in_features <= 0 or out_features <= 0:
+            raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.block_size = block_size
+        self.backend = backend
+        factory = {"device": device, "dtype": dtype}
+        ref = nn.Linear(in_features, out_features, bias=bias, **factory)
+        self.weight = nn.Parameter(ref.weight.detach())
+        self.bias = nn.Parameter(ref.bias.detach()) if bias else None
+        self.register_buffer("mask", torch.ones(out_features, in_features, dtype=torch.bool, device=self.weight.device))
+        self.scores: Optional[nn.Parameter] = None
+        self.keep: float = 1.0
+        self._structured: Optional[Union[BlockMask, NMMask]] = None
+        self._block_cache = None  # (mask version, BlockMask)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs) -> "MaskedLinear":
+        """Wrap an existing ``nn.Linear`` (its parameters are shared, not copied)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        m = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                device=linear.weight.device, dtype=linear.weight.dtype, **kwargs)
+        m.weight = linear.weight
+        m.bias = linear.bias
+        return m
+
+    def set_mask(self, mask: Union[torch.Tensor, BlockMask, NMMask]) -> None:
+        """Use a fixed mask (dense 0/1 tensor, BlockMask or NMMask)."""
+        shape = (self.out_features, self.in_features)
+        if isinstance(mask, (BlockMask, NMMask)):
+            if tuple(mask.shape) != shape:
+                raise ValueError(f"mask must have shape {shape}, got {tuple(mask.shape)}")
+            self._structured = mask
+            self.mask = mask.to_dense().to(torch.bool).to(self.weight.device)
+        else:
+            if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != shape:
+                got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+                raise ValueError(f"mask must be a tensor of shape {shape}, got {got}")
+            self._structured = None
+            self.mask = (mask != 0).to(self.weight.device)
+        self._block_cache = None
+
+    def init_scores(self, keep: float = 1.0, init: Optional[torch.Tensor] = None) -> None:
+        """Switch to learnable scores (movement pruning); ``keep`` is the kept fraction."""
+        self.set_keep(keep)
+        data = torch.zeros_like(self.weight, dtype=torch.float32) if init is None else init.detach().float().clone()
+        self.scores = nn.Parameter(data)
+
+    def set_keep(self, keep: float) -> None:
+        if not (0.0 < keep <= 1.0):
+            raise ValueError(f"keep must be in (0, 1], got {keep}")
+        self.keep = float(keep)
+
+    def current_mask(self):
+        """The mask the forward uses (a tensor, BlockMask or NMMask)."""
+        if self.scores is not None:
+            return TopKStraightThrough.apply(self.scores, self.keep).to(self.weight.dtype)
+        if self._structured is not None:
+            return self._structured
+        if self.block_size is not None:
+            version = (self.mask.data_ptr(), self.mask._version)
+            if self._block_cache is None or self._block_cache[0] != version:
+                self._block_cache = (version, BlockMask.from_dense(self.mask, self.block_size))
+            return self._block_cache[1]
+        return self.mask
+
+    def effective_weight(self) -> torch.Tensor:
+        m = self.current_mask()
+        dense = m.to_dense() if isinstance(m, (BlockMask, NMMask)) else m
+        dense = dense.detach()
+        if dense.dtype == torch.bool:
+            return torch.where(dense, self.weight.detach(), torch.zeros((), dtype=self.weight.dtype))
+        return self.weight.detach() * dense.to(self.weight.dtype)
+
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` holding ``weight * mask`` (zeros in place of pruned weights)."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(self.effective_weight())
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return masked_linear(x, self.weight, self.current_mask(), self.bias, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        kind = "scores" if self.scores is not None else (type(self._structured).__name__ if self._structured else "dense")
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, mask={kind}, block_size={self.block_size}, backend={self.backend}")

@@ -1,0 +1,158 @@
+"""``masked_linear``: ``y = x @ (weight * mask)^T + bias`` without materialising ``weight * mask``.
+
+Gradients (straight-through for movement pruning): ``dx = dy @ (W * M)``,
+``dweight = (dy^T x) * M``, ``dbias = sum(dy)``, and, when ``mask`` is a floating tensor that
+requires grad, ``dmask = (dy^T x) * W``; ``dy^T x`` is computed once for both.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+
+from capkit.ops._backends import BACKENDS, choose_backend, get_backend
+from capkit.ops.masks import BlockLayout, BlockMask, NMMask, check_dense_mask
+
+MaskLike = Union[torch.Tensor, BlockMask, NMMask, None]
+
+__all__ = ["masked_linear"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class _MaskedLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2d, weight, mask, bias, layout, impl):
+        kmask = _kernel_mask(mask, weight)
+        y = impl.forward(x2d, weight, kmask, bias, layout)
+        ctx.save_for_backward(x2d, weight, mask)
+        ctx.layout, ctx.impl = layout, impl
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2d, weight, mask = ctx.saved_tensors
+        need_x, need_w, need_m, need_b = ctx.needs_input_grad[:4]
+        impl, layout = ctx.impl, ctx.layout
+        grad_out = grad_out.contiguous()
+        kmask = _kernel_mask(mask, weight)
+        dx = dw = dm = db = None
+        if need_x:
+            dx = impl.grad_input(grad_out, weight, kmask, layout)
+        if need_w or need_m:
+            dw, dm = impl.grad_weight(grad_out, x2d, weight, kmask, layout, bool(need_w), bool(need_m))
+            if dm is not None:
+                dm = dm.to(mask.dtype)
+        if need_b:
+            db = grad_out.sum(0, dtype=torch.float32 if grad_out.dtype != torch.float64 else None).to(grad_out.dtype)
+        return dx, dw, dm, db, None, None
+
+
+def _kernel_mask(mask: Optional[torch.Tensor], weight: torch.Tensor) -> Optional[torch.Tensor]:
+    """Masks reach the kernels as uint8 (0/1 masks; bool is viewed, not copied) or the weight's dtype."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return mask.view(torch.uint8)
+    if mask.dtype == torch.uint8:
+        return mask
+    return mask.to(weight.dtype)
+
+
+def _split_mask(mask: MaskLike, weight_shape, device):
+    """-> (dense element mask or None, layout or None, kind name)."""
+    if mask is None:
+        return None, None, "none"
+    if isinstance(mask, BlockMask):
+        if mask.shape != tuple(weight_shape):
+            raise ValueError(f"mask (BlockMask) has shape {mask.shape}, the weight has {tuple(weight_shape)}")
+        if mask.device != device:
+            raise ValueError(f"mask (BlockMask) is on {mask.device}, the weight is on {device}")
+        return mask.mask, mask.layout, "block"
+    if isinstance(mask, NMMask):
+        if mask.shape != tuple(weight_shape):
+            raise ValueError(f"mask (NMMask) has shape {mask.shape}, the weight has {tuple(weight_shape)}")
+        return mask.mask, None, "nm"
+    check_dense_mask(mask, weight_shape)
+    return mask, None, "dense"
+
+
+def masked_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    mask: MaskLike,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Linear layer with a masked weight, ``y = x @ (weight * mask)^T + bias``.
+
+    Args:
+        x: input ``[..., in_features]``; any leading shape, need not be contiguous.
+        weight: ``[out_features, in_features]``, same dtype and device as ``x``.
+        mask: None, a dense tensor of the weight's shape (bool/uint8: keep where nonzero, pruned
+            entries contribute nothing; floating: multiplicative, receives a gradient when it
+            requires grad), a :class:`BlockMask` (dead blocks are skipped) or an :class:`NMMask`.
+        bias: optional ``[out_features]``.
+        backend: ``"auto"`` (choice from measured results), ``"torch"`` (reference),
+            ``"triton"``, ``"cuda"`` or ``"cpu"``.
+    Returns:
+        ``[..., out_features]`` in ``x``'s dtype.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (its last is in_features)")
+    out_f, in_f = weight.shape
+    if x.shape[-1] != in_f:
+        raise ValueError(f"x's last dimension ({x.shape[-1]}) must equal weight's in_features ({in_f})")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be a floating tensor (float16/bfloat16/float32/float64), got {x.dtype}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight's dtype ({weight.dtype}) must equal x's dtype ({x.dtype})")
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out_f,):
+            shape = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise ValueError(f"bias must be a tensor of shape ({out_f},), got {shape}")
+        if bias.dtype != x.dtype or bias.device != x.device:
+            raise TypeError(f"bias must match x's dtype and device ({x.dtype}, {x.device}), got ({bias.dtype}, {bias.device})")
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+
+    dense_mask, layout, kind = _split_mask(mask, weight.shape, weight.device)
+    if dense_mask is not None and dense_mask.device != weight.device:
+        raise ValueError(f"mask is on {dense_mask.device} but the weight is on {weight.device}")
+
+    lead = x.shape[:-1]
+    rows = math.prod(lead)
+    if rows == 0 or out_f == 0 or in_f == 0:
+        # Empty problems: shape-correct results that stay in the autograd graph.
+        w = weight if dense_mask is None else weight * (dense_mask != 0 if not dense_mask.dtype.is_floating_point else dense_mask)
+        return torch.nn.functional.linear(x, w.to(x.dtype), bias)
+
+    training = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, dense_mask, bias)
+    )
+    if backend == "auto":
+        density = layout.block_density if layout is not None else None
+        backend = choose_backend(x.device, x.dtype, kind, density, training)
+    impl = get_backend(backend)
+    reason = impl.unavailable_reason(x.device) or impl.unsupported_reason(x, weight, dense_mask)
+    if reason is not None:
+        raise RuntimeError(f"masked_linear: backend '{backend}' cannot run here: {reason}")
+
+    x2d = x.reshape(rows, in_f).contiguous()
+    weight_c = weight.contiguous()
+    mask_c = dense_mask.contiguous() if dense_mask is not None else None
+    bias_c = bias.contiguous() if bias is not None else None
+    if mask_c is not None and mask_c.requires_grad and not mask_c.dtype.is_floating_point:
+        raise TypeError("mask requires grad but is not floating point")
+    y = _MaskedLinearFunction.apply(x2d, weight_c, mask_c, bias_c, layout, impl)
+    return y.view(*lead, out_f)

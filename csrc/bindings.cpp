@@ -1,0 +1,192 @@
+// capkit._C: defines the torch custom ops (schemas), registers the CPU kernels, and exposes a
+// small pybind11 module with build information. The CUDA kernels register themselves for the
+// same ops in csrc/cuda/bindings_cuda.cpp when the extension is built with CUDA.
+//
+// Tensors become raw pointers here, after every argument has been checked, so the kernels in
+// csrc/cpu and csrc/cuda stay free of torch types.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include <optional>
+#include <string>
+
+#include "cpu/masked_linear_cpu.h"
+
+namespace capkit {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+void check_matrix(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 2, "capkit: ", name, " must be a 2-D tensor, got shape ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "capkit: ", name, " must be contiguous");
+}
+
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Checks a CSR (or CSC) block list; `extent` is the weight dimension its pointer array runs over.
+void check_layout(const OptTensor& ptr, const OptTensor& idx, int64_t extent, int64_t block_size,
+                  const char* ptr_name, const char* idx_name, const at::Device& dev) {
+  TORCH_CHECK(ptr.has_value() == idx.has_value(), "capkit: ", ptr_name, " and ", idx_name,
+              " must be given together");
+  if (!ptr.has_value()) return;
+  TORCH_CHECK(block_size == 16 || block_size == 32 || block_size == 64 || block_size == 128,
+              "capkit: block_size must be one of 16, 32, 64, 128; got ", block_size);
+  const int64_t n_lines = cdiv(extent, block_size);
+  for (const auto* p : {&*ptr, &*idx}) {
+    TORCH_CHECK(p->scalar_type() == at::kInt && p->dim() == 1 && p->is_contiguous(), "capkit: ",
+                p == &*ptr ? ptr_name : idx_name, " must be a contiguous 1-D int32 tensor");
+    TORCH_CHECK(p->device() == dev, "capkit: ", p == &*ptr ? ptr_name : idx_name, " is on ", p->device(),
+                " but the inputs are on ", dev);
+  }
+  TORCH_CHECK(ptr->numel() == n_lines + 1, "capkit: ", ptr_name, " must have ", n_lines + 1,
+              " entries for this weight and block size, got ", ptr->numel());
+}
+
+cpu::MaskView mask_view(const OptTensor& mask, const Tensor& weight) {
+  cpu::MaskView mv;
+  if (!mask.has_value()) return mv;
+  TORCH_CHECK(mask->sizes() == weight.sizes(), "capkit: mask must have the weight's shape ", weight.sizes(),
+              ", got ", mask->sizes());
+  TORCH_CHECK(mask->is_contiguous(), "capkit: mask must be contiguous");
+  TORCH_CHECK(mask->device() == weight.device(), "capkit: mask must be on the weight's device");
+  if (mask->scalar_type() == at::kByte || mask->scalar_type() == at::kBool) {
+    mv.u8 = reinterpret_cast<const uint8_t*>(mask->data_ptr());
+  } else {
+    TORCH_CHECK(mask->scalar_type() == at::kFloat, "capkit: the cpu backend takes a bool/uint8 or float32 mask, got ",
+                mask->scalar_type());
+    mv.f32 = mask->data_ptr<float>();
+  }
+  return mv;
+}
+
+void check_f32_cpu(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "capkit: ", name, " must be a CPU tensor for the cpu backend");
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "capkit: the cpu backend supports float32 ", name, ", got ",
+              t.scalar_type());
+}
+
+const int32_t* ptr_or_null(const OptTensor& t) { return t.has_value() ? t->data_ptr<int32_t>() : nullptr; }
+
+Tensor forward_cpu(const Tensor& x, const Tensor& weight, const OptTensor& mask, const OptTensor& bias,
+                   const OptTensor& row_ptr, const OptTensor& col_idx, int64_t block_size) {
+  check_matrix(x, "x");
+  check_matrix(weight, "weight");
+  check_f32_cpu(x, "x");
+  check_f32_cpu(weight, "weight");
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  TORCH_CHECK(weight.size(1) == K, "capkit: weight must have shape [out, ", K, "] to match x's last dimension, got ",
+              weight.sizes());
+  const auto mv = mask_view(mask, weight);
+  if (bias.has_value()) {
+    check_f32_cpu(*bias, "bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous(),
+                "capkit: bias must be a contiguous vector of length ", N);
+  }
+  check_layout(row_ptr, col_idx, N, block_size, "row_ptr", "col_idx", x.device());
+  Tensor y = at::empty({M, N}, x.options());
+  cpu::masked_linear_forward_f32(x.data_ptr<float>(), weight.data_ptr<float>(), mv,
+                                 bias.has_value() ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N,
+                                 K, ptr_or_null(row_ptr), ptr_or_null(col_idx), static_cast<int>(block_size));
+  return y;
+}
+
+Tensor grad_input_cpu(const Tensor& grad_out, const Tensor& weight, const OptTensor& mask, const OptTensor& col_ptr,
+                      const OptTensor& row_idx, int64_t block_size) {
+  check_matrix(grad_out, "grad_out");
+  check_matrix(weight, "weight");
+  check_f32_cpu(grad_out, "grad_out");
+  check_f32_cpu(weight, "weight");
+  const int64_t M = grad_out.size(0), N = weight.size(0), K = weight.size(1);
+  TORCH_CHECK(grad_out.size(1) == N, "capkit: grad_out must have ", N, " columns, got ", grad_out.sizes());
+  const auto mv = mask_view(mask, weight);
+  check_layout(col_ptr, row_idx, K, block_size, "col_ptr", "row_idx", grad_out.device());
+  Tensor dx = at::empty({M, K}, grad_out.options());
+  cpu::masked_linear_grad_input_f32(grad_out.data_ptr<float>(), weight.data_ptr<float>(), mv, dx.data_ptr<float>(),
+                                    M, N, K, ptr_or_null(col_ptr), ptr_or_null(row_idx),
+                                    static_cast<int>(block_size));
+  return dx;
+}
+
+std::tuple<Tensor, Tensor> grad_weight_cpu(const Tensor& grad_out, const Tensor& x, const Tensor& weight,
+                                           const OptTensor& mask, const OptTensor& row_ptr,
+                                           const OptTensor& col_idx, int64_t block_size, bool need_weight_grad,
+                                           bool need_mask_grad) {
+  check_matrix(grad_out, "grad_out");
+  check_matrix(x, "x");
+  check_matrix(weight, "weight");
+  check_f32_cpu(grad_out, "grad_out");
+  check_f32_cpu(x, "x");
+  check_f32_cpu(weight, "weight");
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  TORCH_CHECK(weight.size(1) == K && grad_out.size(0) == M && grad_out.size(1) == N,
+              "capkit: shapes do not agree: grad_out ", grad_out.sizes(), ", x ", x.sizes(), ", weight ",
+              weight.sizes());
+  const auto mv = mask_view(mask, weight);
+  TORCH_CHECK(!need_mask_grad || mv.f32 != nullptr, "capkit: a mask gradient needs a float32 mask");
+  check_layout(row_ptr, col_idx, N, block_size, "row_ptr", "col_idx", x.device());
+  Tensor dw = need_weight_grad ? at::empty({N, K}, weight.options()) : at::empty({0}, weight.options());
+  Tensor dm = need_mask_grad ? at::empty({N, K}, mask->options()) : at::empty({0}, weight.options());
+  if (need_weight_grad || need_mask_grad) {
+    if (M == 0) {
+      if (need_weight_grad) dw.zero_();
+      if (need_mask_grad) dm.zero_();
+    } else {
+      cpu::masked_linear_grad_weight_f32(grad_out.data_ptr<float>(), x.data_ptr<float>(), weight.data_ptr<float>(),
+                                         mv, need_weight_grad ? dw.data_ptr<float>() : nullptr,
+                                         need_mask_grad ? dm.data_ptr<float>() : nullptr, M, N, K,
+                                         ptr_or_null(row_ptr), ptr_or_null(col_idx), static_cast<int>(block_size));
+    }
+  }
+  return {dw, dm};
+}
+
+}  // namespace
+}  // namespace capkit
+
+TORCH_LIBRARY(capkit, m) {
+  m.def(
+      "masked_linear_forward(Tensor x, Tensor weight, Tensor? mask, Tensor? bias, Tensor? row_ptr, "
+      "Tensor? col_idx, int block_size) -> Tensor");
+  m.def(
+      "masked_linear_grad_input(Tensor grad_out, Tensor weight, Tensor? mask, Tensor? col_ptr, "
+      "Tensor? row_idx, int block_size) -> Tensor");
+  m.def(
+      "masked_linear_grad_weight(Tensor grad_out, Tensor x, Tensor weight, Tensor? mask, Tensor? row_ptr, "
+      "Tensor? col_idx, int block_size, bool need_weight_grad, bool need_mask_grad) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(capkit, CPU, m) {
+  m.impl("masked_linear_forward", &capkit::forward_cpu);
+  m.impl("masked_linear_grad_input", &capkit::grad_input_cpu);
+  m.impl("masked_linear_grad_weight", &capkit::grad_weight_cpu);
+}
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.doc() = "capkit native kernels (CPU C++ and, when built with it, CUDA)";
+  mod.def("build_info", []() {
+    py::dict d;
+    d["version"] = CAPKIT_VERSION_STR;
+#ifdef CAPKIT_WITH_CUDA
+    d["cuda"] = true;
+#else
+    d["cuda"] = false;
+#endif
+#ifdef CAPKIT_WITH_OPENMP
+    d["openmp"] = true;
+#else
+    d["openmp"] = false;
+#endif
+    d["avx2"] = capkit::cpu::cpu_has_avx2_fma();
+    d["max_threads"] = capkit::cpu::cpu_max_threads();
+    d["compiler"] = __VERSION__;
+    d["torch_version_built"] = std::string(TORCH_VERSION);
+    return d;
+  });
+}
