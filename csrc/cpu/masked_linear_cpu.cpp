@@ -279,6 +279,34 @@ void bsr_gemm(const float* A, int64_t lda, int64_t M, int64_t P, const Layout& l
   }
 }
 
+// Rows whose stride is a multiple of 4 KiB fall into one L1 set (and alias in the load/store
+// unit), which slows the 6-row register tile several-fold: such operands are copied once with a
+// padded leading dimension. The copy is O(rows * cols), small next to the GEMM it feeds.
+bool bad_stride(int64_t ld) { return ld % 1024 == 0; }
+
+const float* padded_rows(const float* src, int64_t rows, int64_t cols, int64_t& ld, std::vector<float>& buf) {
+  ld = cols;
+  if (!bad_stride(cols)) return src;
+  ld = cols + 16;
+  buf.resize(static_cast<size_t>(rows) * ld);
+  float* dst = buf.data();
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * ld, src + r * cols, sizeof(float) * cols);
+  return dst;
+}
+
+// dst[c, r] = src[r, c] for src [rows, cols]; dst has leading dimension ld_dst (>= rows).
+void transpose_into(const float* src, int64_t rows, int64_t cols, float* dst, int64_t ld_dst) {
+  constexpr int64_t T = 32;
+#pragma omp parallel for schedule(static)
+  for (int64_t c0 = 0; c0 < cols; c0 += T)
+    for (int64_t r0 = 0; r0 < rows; r0 += T) {
+      const int64_t r1 = std::min(rows, r0 + T), c1 = std::min(cols, c0 + T);
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t r = r0; r < r1; ++r) dst[c * ld_dst + r] = src[r * cols + c];
+    }
+}
+
 }  // namespace
 
 void masked_linear_forward_f32(const float* x, const float* weight, MaskView mask, const float* bias, float* y,
@@ -288,7 +316,10 @@ void masked_linear_forward_f32(const float* x, const float* weight, MaskView mas
   const Layout l = make_layout(row_ptr, col_idx, block_size, N, K);
   std::vector<float> packed;
   pack_blocks(weight, mask, N, K, l, /*out_is_n=*/true, packed);
-  bsr_gemm(x, K, M, K, l, packed.data(), bias, y, N);
+  std::vector<float> xbuf;
+  int64_t ldx;
+  const float* xp = padded_rows(x, M, K, ldx, xbuf);
+  bsr_gemm(xp, ldx, M, K, l, packed.data(), bias, y, N);
 }
 
 void masked_linear_grad_input_f32(const float* grad_out, const float* weight, MaskView mask, float* dx, int64_t M,
@@ -298,7 +329,10 @@ void masked_linear_grad_input_f32(const float* grad_out, const float* weight, Ma
   const Layout l = make_layout(col_ptr, row_idx, block_size, K, N);
   std::vector<float> packed;
   pack_blocks(weight, mask, N, K, l, /*out_is_n=*/false, packed);
-  bsr_gemm(grad_out, N, M, N, l, packed.data(), nullptr, dx, K);
+  std::vector<float> gbuf;
+  int64_t ldg;
+  const float* gp = padded_rows(grad_out, M, N, ldg, gbuf);
+  bsr_gemm(gp, ldg, M, N, l, packed.data(), nullptr, dx, K);
 }
 
 void masked_linear_grad_weight_f32(const float* grad_out, const float* x, const float* weight, MaskView mask,
@@ -315,6 +349,14 @@ void masked_linear_grad_weight_f32(const float* grad_out, const float* x, const 
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; ++n) std::memset(dweight + n * K, 0, sizeof(float) * K);
   }
+  // grad_out^T with a padded leading dimension, so the 6 rows of a register tile (6 output
+  // features) are read with a benign stride; x likewise if its stride is a multiple of 4 KiB.
+  const int64_t ldt = bad_stride(M) ? M + 16 : M;
+  std::vector<float> gt(static_cast<size_t>(N) * ldt);
+  transpose_into(grad_out, M, N, gt.data(), ldt);
+  std::vector<float> xbuf;
+  int64_t ldx;
+  const float* xp = padded_rows(x, M, K, ldx, xbuf);
   // Block-row of each live block, for the flat parallel loop.
   std::vector<int32_t> block_row(nnz);
   for (int64_t o = 0; o < l.n_out; ++o)
@@ -339,8 +381,8 @@ void masked_linear_grad_weight_f32(const float* grad_out, const float* x, const 
             const int nr = std::min(kNR, bk - jc);
             for (int ii = 0; ii < mr; ++ii)
               for (int j = 0; j < kNR; ++j) acc[ii * kNR + j] = j < nr ? g[(i + ii) * b + jc + j] : 0.0f;
-            // A(i, p) = grad_out[m0 + p, n0 + i]; B(p, j) = x[m0 + p, k0 + jc + j].
-            kTileFns[mr](acc, grad_out + m0 * N + n0 + i, 1, N, x + m0 * K + k0 + jc, K, mlen, nr);
+            // A(i, p) = grad_out[m0 + p, n0 + i] = gt[n0 + i, m0 + p]; B(p, j) = x[m0 + p, k0 + jc + j].
+            kTileFns[mr](acc, gt.data() + (n0 + i) * ldt + m0, ldt, 1, xp + m0 * ldx + k0 + jc, ldx, mlen, nr);
             for (int ii = 0; ii < mr; ++ii)
               for (int j = 0; j < nr; ++j) g[(i + ii) * b + jc + j] = acc[ii * kNR + j];
           }

@@ -1,0 +1,1 @@
+"""capkit benchmarks (run as `python -m benchmarks.<name>`)."""

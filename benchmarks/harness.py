@@ -1,0 +1,177 @@
+"""Shared benchmark harness: timing, machine description, peaks, result files.
+
+Timing: on GPUs, CUDA events around a warmed-up callable, median of repeats with the L2 flushed
+between calls by rotating inputs; on CPUs, ``torch.utils.benchmark.Timer`` (median of blocked
+measurements). Results are JSON under ``benchmarks/results/<device>/<name>.json`` and record
+the device, versions, git commit, shapes, dtypes, medians and spread.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def device_slug(device: torch.device) -> str:
+    """Folder name for a device: the GPU's name, or the CPU model plus core count."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = _cpu_model() + f"-{os.cpu_count()}c"
+    return re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-").lower()
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def _git_commit() -> Optional[str]:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine_info(device: torch.device) -> Dict:
+    info = {
+        "device": device_slug(device),
+        "device_type": device.type,
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "git_commit": _git_commit(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    try:
+        from capkit import __version__
+        from capkit._ext import build_info
+
+        info["capkit"] = __version__
+        info["capkit_build"] = build_info()
+    except ImportError:
+        pass
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["gpu"] = props.name
+        info["gpu_sms"] = props.multi_processor_count
+        info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        try:
+            q = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version,clocks.sm,clocks.max.sm,clocks.mem",
+                 "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
+            if q.returncode == 0:
+                driver, sm, sm_max, mem = [s.strip() for s in q.stdout.splitlines()[0].split(",")]
+                info.update(driver=driver, sm_clock=sm, sm_clock_max=sm_max, mem_clock=mem)
+        except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+            pass
+    return info
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, min_run_time: float = 0.5) -> Dict[str, float]:
+    """Median / spread of one call of ``fn`` in seconds."""
+    if device.type == "cuda":
+        fn()
+        torch.cuda.synchronize()
+        # Calibrate the number of repeats to ~min_run_time.
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        est = max(start.elapsed_time(end) / 1e3, 1e-6)
+        reps = int(min(200, max(5, min_run_time / est)))
+        cache = torch.empty(64 * 2**20, dtype=torch.int8, device=device)  # flushes the 50 MB L2
+        times = []
+        for _ in range(reps):
+            cache.zero_()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+    else:
+        import torch.utils.benchmark as tb
+
+        fn()
+        m = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
+            min_run_time=min_run_time)
+        times = list(m.times)
+    times.sort()
+    q1 = times[len(times) // 4]
+    q3 = times[(3 * len(times)) // 4]
+    return {"median_s": statistics.median(times), "iqr_s": q3 - q1, "min_s": times[0], "n": len(times)}
+
+
+def measure_peaks(device: torch.device) -> Dict[str, float]:
+    """Peak matmul rate (large matmul) and copy bandwidth, measured once, for the roofline."""
+    if device.type == "cuda":
+        n, dtype = 8192, torch.bfloat16
+    else:
+        n, dtype = 2048, torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = time_fn(lambda: a @ b, device)["median_s"]
+    flops = 2 * n**3 / t
+    numel = (512 if device.type == "cuda" else 64) * 2**20 // 4
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    tc = time_fn(lambda: dst.copy_(src), device)["median_s"]
+    return {"matmul_flops": flops, "matmul_dtype": str(dtype).replace("torch.", ""),
+            "copy_bytes_per_s": 2 * numel * 4 / tc}
+
+
+def roofline_fraction(seconds: float, flops: float, bytes_moved: float, peaks: Dict[str, float]) -> float:
+    floor = max(flops / peaks["matmul_flops"], bytes_moved / peaks["copy_bytes_per_s"])
+    return floor / seconds if seconds > 0 else float("nan")
+
+
+def write_results(name: str, device: torch.device, payload: Dict, out_dir: Optional[Path] = None) -> Path:
+    out_dir = Path(out_dir) if out_dir else RESULTS_DIR / device_slug(device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1, default=str)
+    os.replace(tmp, path)  # never leave a half-written result file
+    return path
+
+
+def markdown_table(rows: List[Dict], columns: List[str]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines)

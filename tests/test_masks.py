@@ -1,0 +1,77 @@
+"""Mask kinds: block layouts from dense masks and grids, N:M masks."""
+import pytest
+import torch
+
+from capkit.ops import BlockMask, NMMask, block_grid_to_layout, block_mask_to_layout
+
+
+def brute_force_layout(mask, b):
+    n, k = mask.shape
+    nbr, nbc = -(-n // b), -(-k // b)
+    rows, cols = [], []
+    for r in range(nbr):
+        for c in range(nbc):
+            if mask[r * b:(r + 1) * b, c * b:(c + 1) * b].any():
+                rows.append(r)
+                cols.append(c)
+    row_ptr = [0]
+    for r in range(nbr):
+        row_ptr.append(row_ptr[-1] + rows.count(r))
+    csc = sorted(zip(cols, rows))
+    col_ptr = [0]
+    for c in range(nbc):
+        col_ptr.append(col_ptr[-1] + cols.count(c))
+    return row_ptr, cols, col_ptr, [r for _, r in csc]
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 127), (127, 769), (64, 64), (100, 37)])
+@pytest.mark.parametrize("b", [16, 32, 64, 128])
+def test_layout_matches_brute_force(shape, b):
+    # Sparse enough that whole blocks die, with odd edges.
+    mask = torch.rand(*shape) > 0.995
+    layout = block_mask_to_layout(mask, b)
+    row_ptr, col_idx, col_ptr, row_idx = brute_force_layout(mask, b)
+    assert layout.row_ptr.tolist() == row_ptr
+    assert layout.col_idx.tolist() == col_idx
+    assert layout.col_ptr.tolist() == col_ptr
+    assert layout.row_idx.tolist() == row_idx
+    for t in (layout.row_ptr, layout.col_idx, layout.col_ptr, layout.row_idx):
+        assert t.dtype == torch.int32 and t.is_contiguous()
+    # The dense mask of the layout covers the mask.
+    assert bool((layout.dense_mask() | ~mask).all())
+
+
+def test_grid_round_trip():
+    grid = torch.rand(5, 7) > 0.5
+    layout = block_grid_to_layout(grid, 32, (150, 200))
+    assert torch.equal(layout.block_grid(), grid)
+    assert layout.nnz_blocks == int(grid.sum())
+    assert layout.block_density == pytest.approx(float(grid.float().mean()))
+    with pytest.raises(ValueError, match="grid must have shape"):
+        block_grid_to_layout(grid, 64, (150, 200))
+
+
+def test_block_mask_keeps_element_mask_only_when_needed():
+    grid = torch.rand(3, 4) > 0.5
+    full = BlockMask.from_block_grid(grid, 16, (48, 64)).to_dense()
+    bm = BlockMask.from_dense(full, 16)
+    assert bm.mask is None  # pure block sparsity: no element mask to load
+    partial = full & (torch.rand(48, 64) > 0.2)
+    bm2 = BlockMask.from_dense(partial, 16)
+    assert bm2.mask is not None and torch.equal(bm2.to_dense(), partial)
+    soft = partial.float().requires_grad_()
+    assert BlockMask.from_dense(soft, 16).mask is soft
+
+
+def test_nm_from_scores_and_validation():
+    scores = torch.randn(6, 16)
+    nm = NMMask.from_scores(scores, 2, 4)
+    groups = nm.mask.view(6, 4, 4)
+    assert bool((groups.sum(-1) == 2).all())
+    # The kept entries are the two largest of every group.
+    kept = scores.view(6, 4, 4)[groups].view(6, 4, 2)
+    dropped = scores.view(6, 4, 4)[~groups].view(6, 4, 2)
+    assert bool((kept.min(-1).values >= dropped.max(-1).values).all())
+    assert nm.density() == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="0 < n < m"):
+        NMMask(nm.mask, 4, 4)
