@@ -75,3 +75,19 @@ def test_nm_from_scores_and_validation():
     assert nm.density() == pytest.approx(0.5)
     with pytest.raises(ValueError, match="0 < n < m"):
         NMMask(nm.mask, 4, 4)
+
+
+def test_block_mask_keeps_non_binary_float_factors():
+    grid = torch.tensor([[True, False]])
+    full = BlockMask.from_block_grid(grid, 16, (16, 32)).to_dense().float()
+    assert BlockMask.from_dense(full, 16).mask is None
+    scaled = full * 0.5
+    bm = BlockMask.from_dense(scaled, 16)
+    assert bm.mask is not None and torch.equal(bm.to_dense(), scaled)
+
+
+@pytest.mark.parametrize("shape", [(7, 127), (33, 70)])
+def test_partial_edge_blocks_count_as_full(shape):
+    mask = torch.ones(*shape, dtype=torch.bool)
+    bm = BlockMask.from_dense(mask, 32)
+    assert bm.mask is None and bm.layout.nnz_blocks == (-(-shape[0] // 32)) * (-(-shape[1] // 32))

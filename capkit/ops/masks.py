@@ -131,13 +131,25 @@ def block_grid_to_layout(grid: torch.Tensor, block_size: int, shape: Tuple[int, 
     )
 
 
-def _block_any(mask: torch.Tensor, block_size: int) -> torch.Tensor:
+def _block_counts(mask: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Number of nonzeros in every block of ``mask`` (one reduction, on the mask's device)."""
     n, k = mask.shape
     nbr, nbc = _cdiv(n, block_size), _cdiv(k, block_size)
-    m = mask != 0
+    # A bool mask is read as bytes (no comparison pass); other masks are compared with zero.
+    m = mask.view(torch.uint8) if mask.dtype == torch.bool else (mask != 0).view(torch.uint8)
     if nbr * block_size != n or nbc * block_size != k:
         m = torch.nn.functional.pad(m, (0, nbc * block_size - k, 0, nbr * block_size - n))
-    return m.view(nbr, block_size, nbc, block_size).any(dim=3).any(dim=1)
+    return m.reshape(nbr, block_size, nbc, block_size).sum(dim=(1, 3), dtype=torch.int32)
+
+
+def _block_capacity(shape: Tuple[int, int], block_size: int, device) -> torch.Tensor:
+    """Number of weight elements in every block (edge blocks are partial)."""
+    n, k = shape
+    rows = torch.full((_cdiv(n, block_size),), block_size, dtype=torch.int32, device=device)
+    cols = torch.full((_cdiv(k, block_size),), block_size, dtype=torch.int32, device=device)
+    rows[-1] = n - (rows.numel() - 1) * block_size
+    cols[-1] = k - (cols.numel() - 1) * block_size
+    return rows[:, None] * cols[None, :]
 
 
 def block_mask_to_layout(mask: torch.Tensor, block_size: int) -> BlockLayout:
@@ -145,7 +157,7 @@ def block_mask_to_layout(mask: torch.Tensor, block_size: int) -> BlockLayout:
     _check_block_size(block_size)
     if mask.dim() != 2:
         raise ValueError(f"mask must be 2-D, got shape {tuple(mask.shape)}")
-    return block_grid_to_layout(_block_any(mask, block_size), block_size, tuple(mask.shape))
+    return block_grid_to_layout(_block_counts(mask, block_size) > 0, block_size, tuple(mask.shape))
 
 
 class BlockMask:
@@ -172,11 +184,16 @@ class BlockMask:
         some live block is not entirely kept (or the mask needs a gradient)."""
         if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
             raise ValueError("mask must be a 2-D tensor")
-        layout = block_mask_to_layout(mask, block_size)
+        check_dense_mask(mask, tuple(mask.shape))
+        _check_block_size(block_size)
+        counts = _block_counts(mask.detach(), block_size)
+        layout = block_grid_to_layout(counts > 0, block_size, tuple(mask.shape))
         if keep_element_mask is None:
-            keep_element_mask = bool(mask.requires_grad) or not bool(
-                torch.equal(mask != 0, layout.dense_mask())
-            )
+            # The element mask is needed unless every live block is entirely kept.
+            partial = (counts > 0) & (counts < _block_capacity(tuple(mask.shape), block_size, mask.device))
+            keep_element_mask = bool(mask.requires_grad) or bool(partial.any())
+            if not keep_element_mask and mask.dtype.is_floating_point:
+                keep_element_mask = not bool(((mask == 0) | (mask == 1)).all())  # non-binary factors
         return cls(layout, mask if keep_element_mask else None)
 
     @classmethod
