@@ -32,18 +32,12 @@ constexpr int64_t kGradChunk = 256; // rows of the reduction streamed per pass i
 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-inline float mask_at(const MaskView& m, int64_t i) {
-  if (m.u8) return m.u8[i] ? 1.0f : 0.0f;
-  if (m.f32) return m.f32[i];
-  return 1.0f;
-}
-
-// Pruned entries of a 0/1 mask contribute nothing, even when the weight there is not finite;
-// a float mask is a multiplicative factor.
-inline float masked_weight(const float* w, const MaskView& m, int64_t i) {
-  if (m.u8) return m.u8[i] ? w[i] : 0.0f;
-  if (m.f32) return w[i] * m.f32[i];
-  return w[i];
+// v masked by element i: a pruned entry of a 0/1 mask contributes nothing, even when v is not
+// finite; a float mask is a multiplicative factor.
+inline float apply_mask(float v, const MaskView& m, int64_t i) {
+  if (m.u8) return m.u8[i] ? v : 0.0f;
+  if (m.f32) return v * m.f32[i];
+  return v;
 }
 
 // A layout of live blocks: either the caller's CSR/CSC, or a synthetic "all live" one.
@@ -224,7 +218,7 @@ void pack_blocks(const float* weight, const MaskView& mask, int64_t N, int64_t K
         for (int kk = 0; kk < b; ++kk) {
           const int64_t k = k0 + kk;
           float v = 0.0f;
-          if (n < N && k < K) v = masked_weight(weight, mask, n * K + k);
+          if (n < N && k < K) v = apply_mask(weight[n * K + k], mask, n * K + k);
           if (out_is_n)
             dst[kk * b + nn] = v;  // [k][n]
           else
@@ -392,7 +386,7 @@ void masked_linear_grad_weight_f32(const float* grad_out, const float* x, const 
         const int64_t row = (n0 + nn) * K + k0;
         const float* gr = g.data() + static_cast<size_t>(nn) * b;
         if (dweight)
-          for (int kk = 0; kk < bk; ++kk) dweight[row + kk] = gr[kk] * mask_at(mask, row + kk);
+          for (int kk = 0; kk < bk; ++kk) dweight[row + kk] = apply_mask(gr[kk], mask, row + kk);
         if (dmask)
           for (int kk = 0; kk < bk; ++kk) dmask[row + kk] = gr[kk] * weight[row + kk];
       }
