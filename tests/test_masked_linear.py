@@ -53,6 +53,12 @@ def make_mask(kind, n, k, device, block_size=32):
         grid = torch.rand(-(-n // block_size), -(-k // block_size), device=device) > 0.4
         elem = torch.rand(n, k, device=device) > 0.3
         return BlockMask(block_grid_to_layout(grid, block_size, (n, k)), elem)
+    if kind == "block+float":
+        # Float element mask with the straight-through gradient: dmask is dense (also in dead
+        # blocks), dweight is zero in dead blocks.
+        grid = torch.rand(-(-n // block_size), -(-k // block_size), device=device) > 0.4
+        elem = (torch.rand(n, k, device=device) > 0.3).float().requires_grad_()
+        return BlockMask(block_grid_to_layout(grid, block_size, (n, k)), elem)
     if kind == "nm":
         return NMMask.from_scores(torch.randn(n, k, device=device))
     raise ValueError(kind)
@@ -62,7 +68,9 @@ def cast_mask(mask, dtype=None, device=None):
     """Same mask for the reference: floating masks in float64, detached copy with its own grad."""
     if mask is None:
         return None
-    if isinstance(mask, (BlockMask, NMMask)):
+    if isinstance(mask, BlockMask):
+        return BlockMask(mask.layout, cast_mask(mask.mask))
+    if isinstance(mask, NMMask):
         return mask
     if mask.dtype.is_floating_point:
         return mask.detach().to(torch.float64).requires_grad_(mask.requires_grad)
@@ -78,6 +86,8 @@ def run_case(backend, dtype, shape, mask_kind, bias=True, block_size=32):
     mask = make_mask(mask_kind, n, k, dev, block_size)
     if isinstance(mask, torch.Tensor) and mask.dtype.is_floating_point:
         mask = mask.detach().to(dtype).requires_grad_()
+    if isinstance(mask, BlockMask) and mask.mask is not None and mask.mask.dtype.is_floating_point:
+        mask = BlockMask(mask.layout, mask.mask.detach().to(dtype).requires_grad_())
     y = masked_linear(x, w, mask, b, backend=backend)
     dy = torch.randn_like(y)
     y.backward(dy)
@@ -97,13 +107,16 @@ def run_case(backend, dtype, shape, mask_kind, bias=True, block_size=32):
     torch.testing.assert_close(w.grad.double(), w64.grad, atol=tol(dtype, m) * 4, rtol=tol(dtype, m))
     if bias:
         torch.testing.assert_close(b.grad.double(), b64.grad, atol=tol(dtype, m) * 4, rtol=tol(dtype, m))
+    if isinstance(mask, BlockMask) and mask.mask is not None and mask.mask.requires_grad:
+        mask, m64 = mask.mask, m64.mask
     if isinstance(mask, torch.Tensor) and mask.requires_grad:
+        assert mask.grad is not None
         torch.testing.assert_close(mask.grad.double(), m64.grad, atol=tol(dtype, m) * 4, rtol=tol(dtype, m))
 
 
 @pytest.mark.parametrize("backend,dtype", BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("mask_kind", ["none", "bool", "uint8", "float", "block", "block+elem"])
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "uint8", "float", "block", "block+elem", "block+float"])
 def test_matches_reference(backend, dtype, shape, mask_kind):
     if backend == "triton" and shape[0] * shape[1] * shape[2] > 2_000_000:
         pytest.skip("too large for the Triton interpreter")

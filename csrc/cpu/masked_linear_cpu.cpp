@@ -49,8 +49,10 @@ struct Layout {
   std::vector<int32_t> own_ptr, own_idx;
 };
 
+// The caller's block list when `ptr` is given; otherwise every block live, with tiles of
+// `dense_block` (default: the internal tile size).
 Layout make_layout(const int32_t* ptr, const int32_t* idx, int block_size, int64_t out_extent,
-                   int64_t red_extent) {
+                   int64_t red_extent, int dense_block = kDenseBlock) {
   Layout l;
   if (ptr != nullptr) {
     l.b = block_size;
@@ -59,7 +61,7 @@ Layout make_layout(const int32_t* ptr, const int32_t* idx, int block_size, int64
     l.idx = idx;
     return l;
   }
-  l.b = kDenseBlock;
+  l.b = dense_block;
   l.n_out = cdiv(out_extent, l.b);
   const int64_t nred = cdiv(red_extent, l.b);
   l.own_ptr.resize(l.n_out + 1);
@@ -332,12 +334,21 @@ void masked_linear_grad_input_f32(const float* grad_out, const float* weight, Ma
 void masked_linear_grad_weight_f32(const float* grad_out, const float* x, const float* weight, MaskView mask,
                                    float* dweight, float* dmask, int64_t M, int64_t N, int64_t K,
                                    const int32_t* row_ptr, const int32_t* col_idx, int block_size) {
-  // With a mask gradient every element of G is needed; otherwise only the live blocks.
+  // With a mask gradient every element of G is needed (tiled on the caller's block grid, so
+  // that dead blocks can still be told apart); otherwise only the live blocks are computed.
   const bool use_layout = row_ptr != nullptr && dmask == nullptr;
   const Layout l = use_layout ? make_layout(row_ptr, col_idx, block_size, N, K)
-                              : make_layout(nullptr, nullptr, row_ptr ? block_size : kDenseBlock, N, K);
+                              : make_layout(nullptr, nullptr, 0, N, K, row_ptr ? block_size : kDenseBlock);
   const int b = l.b;
   const int64_t nnz = l.ptr[l.n_out];
+  // Live-block bitmap of the caller's grid, for dW on the dense-G path (dead blocks are mask 0).
+  std::vector<uint8_t> live;
+  const int64_t nbc = cdiv(K, b);
+  if (row_ptr != nullptr && !use_layout) {
+    live.assign(static_cast<size_t>(cdiv(N, b)) * nbc, 0);
+    for (int64_t r = 0; r < cdiv(N, b); ++r)
+      for (int64_t e = row_ptr[r]; e < row_ptr[r + 1]; ++e) live[r * nbc + col_idx[e]] = 1;
+  }
   if (dweight && use_layout) {
     // Dead blocks keep a zero gradient; live blocks are overwritten below.
 #pragma omp parallel for schedule(static)
@@ -382,10 +393,13 @@ void masked_linear_grad_weight_f32(const float* grad_out, const float* x, const 
           }
         }
       }
+      const bool dead = !live.empty() && !live[(n0 / b) * nbc + k0 / b];
       for (int nn = 0; nn < bn; ++nn) {
         const int64_t row = (n0 + nn) * K + k0;
         const float* gr = g.data() + static_cast<size_t>(nn) * b;
-        if (dweight)
+        if (dweight && dead)
+          std::memset(dweight + row, 0, sizeof(float) * bk);
+        else if (dweight)
           for (int kk = 0; kk < bk; ++kk) dweight[row + kk] = apply_mask(gr[kk], mask, row + kk);
         if (dmask)
           for (int kk = 0; kk < bk; ++kk) dmask[row + kk] = gr[kk] * weight[row + kk];

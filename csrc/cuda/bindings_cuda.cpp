@@ -1,0 +1,304 @@
+// CUDA implementations of the capkit masked_linear ops (schemas are defined
+// in csrc/bindings.cpp).  Validates arguments, makes inputs contiguous,
+// allocates outputs and workspaces, and calls the launchers of
+// masked_linear.cu on the current stream.
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+#include "masked_linear.cuh"
+
+namespace capkit {
+namespace {
+
+using cuda::DType;
+using cuda::MaskKind;
+
+DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return DType::F32;
+    case at::kHalf:
+      return DType::F16;
+    default:
+      return DType::BF16;
+  }
+}
+
+bool supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+// A 2-D floating-point CUDA matrix on `device` (the first one checked
+// defines the device).
+void check_matrix(const char* op, const char* name, const at::Tensor& t,
+                  const at::Device& device) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(t.device() == device, op, ": ", name, " must be on ", device, " like the other ",
+              "inputs, got ", t.device());
+  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got shape ", t.sizes());
+}
+
+// Mask: absent, uint8 / bool (0/1 bytes, same storage), or the weight's
+// dtype; shape [N, K].
+MaskKind check_mask(const char* op, const std::optional<at::Tensor>& mask,
+                    const at::Tensor& weight) {
+  if (!mask.has_value()) return MaskKind::None;
+  const at::Tensor& m = *mask;
+  TORCH_CHECK(m.is_cuda() && m.device() == weight.device(), op,
+              ": mask must be a CUDA tensor on ", weight.device(), ", got ", m.device());
+  TORCH_CHECK(m.sizes() == weight.sizes(), op, ": mask must have the weight's shape ",
+              weight.sizes(), ", got ", m.sizes());
+  if (m.scalar_type() == at::kByte || m.scalar_type() == at::kBool) return MaskKind::U8;
+  TORCH_CHECK(m.scalar_type() == weight.scalar_type(), op,
+              ": mask must be uint8, bool or have the weight's dtype (", weight.scalar_type(),
+              "), got ", m.scalar_type());
+  return MaskKind::SameAsWeight;
+}
+
+// Block layout: both index tensors or neither; int32 1-D CUDA tensors;
+// ptr has (number of block lines) + 1 entries.  Returns whether present.
+bool check_layout(const char* op, const char* ptr_name, const char* idx_name,
+                  const std::optional<at::Tensor>& ptr, const std::optional<at::Tensor>& idx,
+                  int64_t block_size, int64_t lines_dim, const char* lines_dim_name,
+                  const at::Device& device) {
+  TORCH_CHECK(ptr.has_value() == idx.has_value(), op, ": ", ptr_name, " and ", idx_name,
+              " must be given together (block layout) or both be None");
+  if (!ptr.has_value()) return false;
+  TORCH_CHECK(cuda::masked_linear_block_size_ok(block_size), op,
+              ": block_size must be one of 16, 32, 64, 128 with a block layout, got ",
+              block_size);
+  for (const auto* pr : {&ptr, &idx}) {
+    const at::Tensor& t = **pr;
+    const char* name = pr == &ptr ? ptr_name : idx_name;
+    TORCH_CHECK(t.is_cuda() && t.device() == device, op, ": ", name,
+                " must be a CUDA tensor on ", device, ", got ", t.device());
+    TORCH_CHECK(t.scalar_type() == at::kInt, op, ": ", name, " must be int32, got ",
+                t.scalar_type());
+    TORCH_CHECK(t.dim() == 1, op, ": ", name, " must be 1-D, got shape ", t.sizes());
+  }
+  const int64_t lines = (lines_dim + block_size - 1) / block_size;
+  TORCH_CHECK(ptr->numel() == lines + 1, op, ": ", ptr_name, " must have ceil(",
+              lines_dim_name, " / block_size) + 1 = ", lines + 1, " entries, got ",
+              ptr->numel());
+  TORCH_CHECK(idx->numel() <= INT32_MAX, op, ": ", idx_name, " is too long for int32 offsets");
+  return true;
+}
+
+void check_launch(const char* op, cudaError_t err) {
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorName(err),
+              " (", cudaGetErrorString(err), ")");
+}
+
+// Workspace tensor for split reductions; lives until the end of the op,
+// which is enough because the caching allocator orders reuse on the stream.
+at::Tensor make_workspace(size_t bytes, const at::Tensor& like) {
+  if (bytes == 0) return at::Tensor();
+  return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
+}
+
+const void* opt_ptr(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr() : nullptr;
+}
+
+const int32_t* opt_idx(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<int32_t>() : nullptr;
+}
+
+std::optional<at::Tensor> opt_contiguous(const std::optional<at::Tensor>& t) {
+  if (!t.has_value()) return std::nullopt;
+  return t->contiguous();
+}
+
+at::Tensor masked_linear_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                      const std::optional<at::Tensor>& mask,
+                                      const std::optional<at::Tensor>& bias,
+                                      const std::optional<at::Tensor>& row_ptr,
+                                      const std::optional<at::Tensor>& col_idx,
+                                      int64_t block_size) {
+  constexpr const char* op = "capkit::masked_linear_forward";
+  check_matrix(op, "x", x, x.device());
+  check_matrix(op, "weight", weight, x.device());
+  TORCH_CHECK(supported_dtype(x.scalar_type()), op,
+              ": x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight must have x's dtype (",
+              x.scalar_type(), "), got ", weight.scalar_type());
+  TORCH_CHECK(weight.size(1) == x.size(1), op, ": x is [M, K] = ", x.sizes(),
+              " and weight must be [N, K], got ", weight.sizes());
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  const MaskKind mk = check_mask(op, mask, weight);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->is_cuda() && bias->device() == x.device(), op,
+                ": bias must be a CUDA tensor on ", x.device(), ", got ", bias->device());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape [N] = [", N,
+                "], got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), op, ": bias must have x's dtype (",
+                x.scalar_type(), "), got ", bias->scalar_type());
+  }
+  const bool layout =
+      check_layout(op, "row_ptr", "col_idx", row_ptr, col_idx, block_size, N, "N", x.device());
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  const auto mc = opt_contiguous(mask), bc = opt_contiguous(bias);
+  const auto rp = opt_contiguous(row_ptr), ci = opt_contiguous(col_idx);
+  at::Tensor y = at::empty({M, N}, x.options());
+
+  cuda::ForwardArgs a;
+  a.x = xc.data_ptr();
+  a.weight = wc.data_ptr();
+  a.mask = opt_ptr(mc);
+  a.bias = opt_ptr(bc);
+  a.row_ptr = opt_idx(rp);
+  a.col_idx = opt_idx(ci);
+  a.nnz_blocks = layout ? ci->numel() : 0;
+  a.y = y.data_ptr();
+  a.M = M;
+  a.N = N;
+  a.K = K;
+  a.block_size = static_cast<int>(layout ? block_size : 0);
+  a.dtype = to_dtype(x.scalar_type());
+  a.mask_kind = mk;
+  if (M == 0) return y;
+  const at::Tensor ws = make_workspace(cuda::masked_linear_forward_workspace_bytes(a), x);
+  if (ws.defined()) {
+    a.workspace = ws.data_ptr();
+    a.workspace_bytes = static_cast<size_t>(ws.numel());
+  }
+  check_launch(op, cuda::masked_linear_forward(a, c10::cuda::getCurrentCUDAStream()));
+  return y;
+}
+
+at::Tensor masked_linear_grad_input_cuda(const at::Tensor& grad_out, const at::Tensor& weight,
+                                         const std::optional<at::Tensor>& mask,
+                                         const std::optional<at::Tensor>& col_ptr,
+                                         const std::optional<at::Tensor>& row_idx,
+                                         int64_t block_size) {
+  constexpr const char* op = "capkit::masked_linear_grad_input";
+  check_matrix(op, "grad_out", grad_out, grad_out.device());
+  check_matrix(op, "weight", weight, grad_out.device());
+  TORCH_CHECK(supported_dtype(grad_out.scalar_type()), op,
+              ": grad_out must be float32, float16 or bfloat16, got ", grad_out.scalar_type());
+  TORCH_CHECK(weight.scalar_type() == grad_out.scalar_type(), op,
+              ": weight must have grad_out's dtype (", grad_out.scalar_type(), "), got ",
+              weight.scalar_type());
+  TORCH_CHECK(weight.size(0) == grad_out.size(1), op, ": grad_out is [M, N] = ",
+              grad_out.sizes(), " and weight must be [N, K], got ", weight.sizes());
+  const int64_t M = grad_out.size(0), N = weight.size(0), K = weight.size(1);
+  const MaskKind mk = check_mask(op, mask, weight);
+  const bool layout = check_layout(op, "col_ptr", "row_idx", col_ptr, row_idx, block_size, K, "K",
+                                   grad_out.device());
+
+  const c10::cuda::CUDAGuard guard(grad_out.device());
+  const at::Tensor gc = grad_out.contiguous(), wc = weight.contiguous();
+  const auto mc = opt_contiguous(mask);
+  const auto cp = opt_contiguous(col_ptr), ri = opt_contiguous(row_idx);
+  at::Tensor dx = at::empty({M, K}, grad_out.options());
+
+  cuda::GradInputArgs a;
+  a.grad_out = gc.data_ptr();
+  a.weight = wc.data_ptr();
+  a.mask = opt_ptr(mc);
+  a.col_ptr = opt_idx(cp);
+  a.row_idx = opt_idx(ri);
+  a.nnz_blocks = layout ? ri->numel() : 0;
+  a.dx = dx.data_ptr();
+  a.M = M;
+  a.N = N;
+  a.K = K;
+  a.block_size = static_cast<int>(layout ? block_size : 0);
+  a.dtype = to_dtype(grad_out.scalar_type());
+  a.mask_kind = mk;
+  if (M == 0) return dx;
+  const at::Tensor ws = make_workspace(cuda::masked_linear_grad_input_workspace_bytes(a), grad_out);
+  if (ws.defined()) {
+    a.workspace = ws.data_ptr();
+    a.workspace_bytes = static_cast<size_t>(ws.numel());
+  }
+  check_launch(op, cuda::masked_linear_grad_input(a, c10::cuda::getCurrentCUDAStream()));
+  return dx;
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_linear_grad_weight_cuda(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& row_ptr,
+    const std::optional<at::Tensor>& col_idx, int64_t block_size, bool need_weight_grad,
+    bool need_mask_grad) {
+  constexpr const char* op = "capkit::masked_linear_grad_weight";
+  check_matrix(op, "grad_out", grad_out, grad_out.device());
+  check_matrix(op, "x", x, grad_out.device());
+  check_matrix(op, "weight", weight, grad_out.device());
+  TORCH_CHECK(supported_dtype(grad_out.scalar_type()), op,
+              ": grad_out must be float32, float16 or bfloat16, got ", grad_out.scalar_type());
+  TORCH_CHECK(x.scalar_type() == grad_out.scalar_type() &&
+                  weight.scalar_type() == grad_out.scalar_type(),
+              op, ": grad_out, x and weight must share one dtype, got ", grad_out.scalar_type(),
+              ", ", x.scalar_type(), ", ", weight.scalar_type());
+  TORCH_CHECK(grad_out.size(0) == x.size(0), op, ": grad_out [M, N] = ", grad_out.sizes(),
+              " and x [M, K] = ", x.sizes(), " must have the same M");
+  TORCH_CHECK(weight.size(0) == grad_out.size(1) && weight.size(1) == x.size(1), op,
+              ": weight must be [N, K] = [", grad_out.size(1), ", ", x.size(1), "], got ",
+              weight.sizes());
+  const int64_t M = x.size(0), N = weight.size(0), K = weight.size(1);
+  const MaskKind mk = check_mask(op, mask, weight);
+  TORCH_CHECK(!need_mask_grad || mk == MaskKind::SameAsWeight, op,
+              ": need_mask_grad requires a floating-point mask with the weight's dtype (",
+              weight.scalar_type(), ")");
+  const bool layout = check_layout(op, "row_ptr", "col_idx", row_ptr, col_idx, block_size, N, "N",
+                                   grad_out.device());
+
+  const c10::cuda::CUDAGuard guard(grad_out.device());
+  at::Tensor dW = need_weight_grad ? at::empty({N, K}, weight.options())
+                                   : at::empty({0}, weight.options());
+  at::Tensor dM = need_mask_grad ? at::empty({N, K}, mask->options())
+                                 : at::empty({0}, mask.has_value() ? mask->options()
+                                                                   : weight.options());
+  if (!need_weight_grad && !need_mask_grad) return {dW, dM};
+
+  const at::Tensor gc = grad_out.contiguous(), xc = x.contiguous(), wc = weight.contiguous();
+  const auto mc = opt_contiguous(mask);
+  const auto rp = opt_contiguous(row_ptr), ci = opt_contiguous(col_idx);
+
+  cuda::GradWeightArgs a;
+  a.grad_out = gc.data_ptr();
+  a.x = xc.data_ptr();
+  a.weight = wc.data_ptr();
+  a.mask = opt_ptr(mc);
+  a.row_ptr = opt_idx(rp);
+  a.col_idx = opt_idx(ci);
+  a.nnz_blocks = layout ? ci->numel() : 0;
+  a.dW = need_weight_grad ? dW.data_ptr() : nullptr;
+  a.dM = need_mask_grad ? dM.data_ptr() : nullptr;
+  a.M = M;
+  a.N = N;
+  a.K = K;
+  a.block_size = static_cast<int>(layout ? block_size : 0);
+  a.dtype = to_dtype(grad_out.scalar_type());
+  a.mask_kind = mk;
+  a.need_weight_grad = need_weight_grad;
+  a.need_mask_grad = need_mask_grad;
+  const at::Tensor ws =
+      make_workspace(cuda::masked_linear_grad_weight_workspace_bytes(a), grad_out);
+  if (ws.defined()) {
+    a.workspace = ws.data_ptr();
+    a.workspace_bytes = static_cast<size_t>(ws.numel());
+  }
+  // M == 0 is handled by the launcher (zero gradients, no GEMM).
+  check_launch(op, cuda::masked_linear_grad_weight(a, c10::cuda::getCurrentCUDAStream()));
+  return {dW, dM};
+}
+
+}  // namespace
+}  // namespace capkit
+
+TORCH_LIBRARY_IMPL(capkit, CUDA, m) {
+  m.impl("masked_linear_forward", &capkit::masked_linear_forward_cuda);
+  m.impl("masked_linear_grad_input", &capkit::masked_linear_grad_input_cuda);
+  m.impl("masked_linear_grad_weight", &capkit::masked_linear_grad_weight_cuda);
+}
