@@ -32,7 +32,7 @@ echo "[setup] installing requirements.txt"
 pipi -r requirements.txt
 echo "[setup] building capkit and its extension (log: build/setup.log)"
 mkdir -p build
-if ! "$vpy" -m pip install --disable-pip-version-check --no-build-isolation --no-deps -e . > build/setup.log 2>&1; then
+if ! "$vpy" -m pip install -v --disable-pip-version-check --no-build-isolation --no-deps -e . > build/setup.log 2>&1; then
   tail -n 60 build/setup.log
   echo "[setup] FAILED to build capkit (full log: build/setup.log)" >&2
   exit 1

@@ -232,44 +232,82 @@ void pack_blocks(const float* weight, const MaskView& mask, int64_t N, int64_t K
 }
 
 // C[M x J] = A[M x P] @ W'-blocks (+ bias). A row-major with leading dimension lda.
+bool bad_stride(int64_t ld);
+
+// C[M x J] = A[M x P] @ W'-blocks (+ bias). A row-major with leading dimension lda.
+// Task = (tile of kRowTile rows, one output block line); each register tile accumulates over
+// all live blocks of its line. When lda is a multiple of 4 KiB, the rows of a task's live
+// blocks are first gathered into a small per-thread panel with a benign stride.
 void bsr_gemm(const float* A, int64_t lda, int64_t M, int64_t P, const Layout& l, const float* packed,
               const float* bias, float* C, int64_t J) {
   const int b = l.b;
   const int64_t n_mt = cdiv(M, kRowTile);
   const int64_t tasks = n_mt * l.n_out;
-#pragma omp parallel for schedule(dynamic, 4)
-  for (int64_t t = 0; t < tasks; ++t) {
-    const int64_t mt = t / l.n_out, o = t % l.n_out;
-    const int64_t m_end = std::min(M, (mt + 1) * kRowTile);
-    alignas(32) float acc[kMR * kNR];
-    for (int64_t m = mt * kRowTile; m < m_end; m += kMR) {
-      const int mr = static_cast<int>(std::min<int64_t>(kMR, m_end - m));
-      for (int jc = 0; jc < b; jc += kNR) {
-        const int64_t j0 = o * b + jc;
-        if (j0 >= J) break;
-        const int nvalid = static_cast<int>(std::min<int64_t>(kNR, J - j0));
-#ifdef CAPKIT_X86
-        if (kHasAvx2) {
-          alignas(32) float init[kNR] = {0};
-          if (bias)
-            for (int j = 0; j < nvalid; ++j) init[j] = bias[j0 + j];
-          if (nvalid == kNR) {  // full tile: registers go straight to the output
-            kRowTileFns[mr](A + m * lda, lda, l.idx, l.ptr[o], l.ptr[o + 1], packed, b, P, jc, init, C + m * J + j0, J);
-          } else {
-            kRowTileFns[mr](A + m * lda, lda, l.idx, l.ptr[o], l.ptr[o + 1], packed, b, P, jc, init, acc, kNR);
-            for (int i = 0; i < mr; ++i) std::memcpy(C + (m + i) * J + j0, acc + i * kNR, sizeof(float) * nvalid);
+  const bool pack_a = bad_stride(lda);
+  int64_t max_line = 0;
+  for (int64_t o = 0; o < l.n_out; ++o) max_line = std::max<int64_t>(max_line, l.ptr[o + 1] - l.ptr[o]);
+  std::vector<int32_t> iota(max_line);
+  for (int64_t i = 0; i < max_line; ++i) iota[i] = static_cast<int32_t>(i);
+#pragma omp parallel
+  {
+    std::vector<float> panel;
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t mt = t / l.n_out, o = t % l.n_out;
+      const int64_t m_begin = mt * kRowTile, m_end = std::min(M, (mt + 1) * kRowTile);
+      // Operands of this task: A rows, the list of live blocks and where they sit.
+      const float* At = A + m_begin * lda;
+      int64_t ldt = lda, Pt = P, e0 = l.ptr[o], e1 = l.ptr[o + 1];
+      const int32_t* idx = l.idx;
+      const float* pk = packed;
+      if (pack_a) {
+        const int64_t nblk = e1 - e0;
+        ldt = nblk * b + (bad_stride(nblk * b) ? 16 : 0);
+        panel.assign(static_cast<size_t>(m_end - m_begin) * ldt, 0.0f);  // zero beyond P
+        for (int64_t r = 0; r < m_end - m_begin; ++r)
+          for (int64_t e = e0; e < e1; ++e) {
+            const int64_t p0 = static_cast<int64_t>(l.idx[e]) * b;
+            std::memcpy(panel.data() + r * ldt + (e - e0) * b, At + r * lda + p0,
+                        sizeof(float) * std::min<int64_t>(b, P - p0));
           }
-          continue;
-        }
+        At = panel.data();
+        Pt = nblk * b;
+        idx = iota.data();
+        pk = packed + e0 * b * b;
+        e1 -= e0;
+        e0 = 0;
+      }
+      alignas(32) float acc[kMR * kNR];
+      for (int64_t m = m_begin; m < m_end; m += kMR) {
+        const int mr = static_cast<int>(std::min<int64_t>(kMR, m_end - m));
+        const float* Am = At + (m - m_begin) * ldt;
+        for (int jc = 0; jc < b; jc += kNR) {
+          const int64_t j0 = o * b + jc;
+          if (j0 >= J) break;
+          const int nvalid = static_cast<int>(std::min<int64_t>(kNR, J - j0));
+#ifdef CAPKIT_X86
+          if (kHasAvx2) {
+            alignas(32) float init[kNR] = {0};
+            if (bias)
+              for (int j = 0; j < nvalid; ++j) init[j] = bias[j0 + j];
+            if (nvalid == kNR) {  // full tile: registers go straight to the output
+              kRowTileFns[mr](Am, ldt, idx, e0, e1, pk, b, Pt, jc, init, C + m * J + j0, J);
+            } else {
+              kRowTileFns[mr](Am, ldt, idx, e0, e1, pk, b, Pt, jc, init, acc, kNR);
+              for (int i = 0; i < mr; ++i) std::memcpy(C + (m + i) * J + j0, acc + i * kNR, sizeof(float) * nvalid);
+            }
+            continue;
+          }
 #endif
-        for (int i = 0; i < mr; ++i)
-          for (int j = 0; j < kNR; ++j) acc[i * kNR + j] = (bias && j < nvalid) ? bias[j0 + j] : 0.0f;
-        for (int64_t e = l.ptr[o]; e < l.ptr[o + 1]; ++e) {
-          const int64_t p0 = static_cast<int64_t>(l.idx[e]) * b;
-          const int64_t plen = std::min<int64_t>(b, P - p0);
-          kTileFns[mr](acc, A + m * lda + p0, lda, 1, packed + e * b * b + jc, b, plen, kNR);
+          for (int i = 0; i < mr; ++i)
+            for (int j = 0; j < kNR; ++j) acc[i * kNR + j] = (bias && j < nvalid) ? bias[j0 + j] : 0.0f;
+          for (int64_t e = e0; e < e1; ++e) {
+            const int64_t p0 = static_cast<int64_t>(idx[e]) * b;
+            const int64_t plen = std::min<int64_t>(b, Pt - p0);
+            kTileFns[mr](acc, Am + p0, ldt, 1, pk + e * b * b + jc, b, plen, kNR);
+          }
+          for (int i = 0; i < mr; ++i) std::memcpy(C + (m + i) * J + j0, acc + i * kNR, sizeof(float) * nvalid);
         }
-        for (int i = 0; i < mr; ++i) std::memcpy(C + (m + i) * J + j0, acc + i * kNR, sizeof(float) * nvalid);
       }
     }
   }
@@ -312,10 +350,7 @@ void masked_linear_forward_f32(const float* x, const float* weight, MaskView mas
   const Layout l = make_layout(row_ptr, col_idx, block_size, N, K);
   std::vector<float> packed;
   pack_blocks(weight, mask, N, K, l, /*out_is_n=*/true, packed);
-  std::vector<float> xbuf;
-  int64_t ldx;
-  const float* xp = padded_rows(x, M, K, ldx, xbuf);
-  bsr_gemm(xp, ldx, M, K, l, packed.data(), bias, y, N);
+  bsr_gemm(x, K, M, K, l, packed.data(), bias, y, N);
 }
 
 void masked_linear_grad_input_f32(const float* grad_out, const float* weight, MaskView mask, float* dx, int64_t M,
@@ -325,10 +360,7 @@ void masked_linear_grad_input_f32(const float* grad_out, const float* weight, Ma
   const Layout l = make_layout(col_ptr, row_idx, block_size, K, N);
   std::vector<float> packed;
   pack_blocks(weight, mask, N, K, l, /*out_is_n=*/false, packed);
-  std::vector<float> gbuf;
-  int64_t ldg;
-  const float* gp = padded_rows(grad_out, M, N, ldg, gbuf);
-  bsr_gemm(gp, ldg, M, N, l, packed.data(), nullptr, dx, K);
+  bsr_gemm(grad_out, N, M, N, l, packed.data(), nullptr, dx, K);
 }
 
 void masked_linear_grad_weight_f32(const float* grad_out, const float* x, const float* weight, MaskView mask,

@@ -1,0 +1,47 @@
+"""The masked-linear benchmark on tiny inputs: result files carry every required field."""
+import json
+
+import pytest
+
+from benchmarks import masked_linear as bench
+
+
+def test_benchmark_writes_complete_results(tmp_path):
+    rc = bench.main(["--device", "cpu", "--tokens", "8", "--shapes", "bert-ffn-in", "--sparsities", "0.0", "0.9",
+                     "--kinds", "unstructured", "block", "--min-time", "0.01", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "masked_linear.json").read_text())
+    machine = data["machine"]
+    for key in ("device", "torch", "triton", "cuda", "git_commit", "date", "cpu", "torch_threads"):
+        assert key in machine
+    assert data["peaks"]["matmul_flops"] > 0 and data["peaks"]["copy_bytes_per_s"] > 0
+    ops = {(r["backend"], r["op"]) for r in data["rows"]}
+    assert {("dense", "forward"), ("masked", "forward"), ("masked", "forward+backward")} <= ops
+    if bench.fast_backends(__import__("torch").device("cpu")):
+        assert {("cpu", "forward"), ("cpu", "grad_input"), ("cpu", "grad_weight")} <= ops
+    for r in data["rows"]:
+        assert r["median_s"] > 0 and r["shape"] == "bert-ffn-in" and r["dtype"] == "float32"
+    assert any(r["op"] == "layout_update" for r in data["rows"])
+    assert (tmp_path / "masked_linear.md").read_text().startswith("# masked_linear on")
+    assert rc == (1 if data["failures"] else 0)
+
+
+def test_failure_is_reported_not_timed(tmp_path, monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(bench.F, "linear", broken)
+    rc = bench.main(["--device", "cpu", "--tokens", "4", "--shapes", "bert-ffn-in", "--sparsities", "0.5",
+                     "--kinds", "block", "--min-time", "0.01", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "masked_linear.json").read_text())
+    assert rc == 1
+    assert any("kernel exploded" in f["error"] for f in data["failures"])
+    assert not any(r["backend"] == "dense" and r["op"] == "forward" for r in data["rows"])
+
+
+def test_dispatch_rules_stop_at_first_loss():
+    rows = [{"backend": "cpu", "kind": "block", "op": "forward", "density": d, "speedup_vs_masked": s}
+            for d, s in ((0.05, 4.0), (0.1, 3.0), (0.5, 0.9), (1.0, 1.2))]
+    rules = bench.dispatch_rules_from({"machine": {"device_type": "cpu"}, "dtype": "float32", "rows": rows})
+    assert len(rules) == 1
+    assert rules[0]["max_density"] == pytest.approx(0.101)
+    assert rules[0]["mode"] == "inference" and rules[0]["mask_kind"] == "block"
