@@ -26,6 +26,13 @@ void check_matrix(const Tensor& t, const char* name) {
   TORCH_CHECK(t.is_contiguous(), "capkit: ", name, " must be contiguous");
 }
 
+// Output tensors of the CPU ops: uninitialised, with huge-page advice when large.
+Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  Tensor t = at::empty(sizes, opts);
+  cpu::advise_huge_pages(t.data_ptr(), t.nbytes());
+  return t;
+}
+
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Checks a CSR (or CSC) block list; `extent` is the weight dimension its pointer array runs over.
@@ -88,7 +95,7 @@ Tensor forward_cpu(const Tensor& x, const Tensor& weight, const OptTensor& mask,
                 "capkit: bias must be a contiguous vector of length ", N);
   }
   check_layout(row_ptr, col_idx, N, block_size, "row_ptr", "col_idx", x.device());
-  Tensor y = at::empty({M, N}, x.options());
+  Tensor y = new_output({M, N}, x.options());
   cpu::masked_linear_forward_f32(x.data_ptr<float>(), weight.data_ptr<float>(), mv,
                                  bias.has_value() ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N,
                                  K, ptr_or_null(row_ptr), ptr_or_null(col_idx), static_cast<int>(block_size));
@@ -105,7 +112,7 @@ Tensor grad_input_cpu(const Tensor& grad_out, const Tensor& weight, const OptTen
   TORCH_CHECK(grad_out.size(1) == N, "capkit: grad_out must have ", N, " columns, got ", grad_out.sizes());
   const auto mv = mask_view(mask, weight);
   check_layout(col_ptr, row_idx, K, block_size, "col_ptr", "row_idx", grad_out.device());
-  Tensor dx = at::empty({M, K}, grad_out.options());
+  Tensor dx = new_output({M, K}, grad_out.options());
   cpu::masked_linear_grad_input_f32(grad_out.data_ptr<float>(), weight.data_ptr<float>(), mv, dx.data_ptr<float>(),
                                     M, N, K, ptr_or_null(col_ptr), ptr_or_null(row_idx),
                                     static_cast<int>(block_size));
@@ -129,8 +136,8 @@ std::tuple<Tensor, Tensor> grad_weight_cpu(const Tensor& grad_out, const Tensor&
   const auto mv = mask_view(mask, weight);
   TORCH_CHECK(!need_mask_grad || mv.f32 != nullptr, "capkit: a mask gradient needs a float32 mask");
   check_layout(row_ptr, col_idx, N, block_size, "row_ptr", "col_idx", x.device());
-  Tensor dw = need_weight_grad ? at::empty({N, K}, weight.options()) : at::empty({0}, weight.options());
-  Tensor dm = need_mask_grad ? at::empty({N, K}, mask->options()) : at::empty({0}, weight.options());
+  Tensor dw = need_weight_grad ? new_output({N, K}, weight.options()) : at::empty({0}, weight.options());
+  Tensor dm = need_mask_grad ? new_output({N, K}, mask->options()) : at::empty({0}, weight.options());
   if (need_weight_grad || need_mask_grad) {
     if (M == 0) {
       if (need_weight_grad) dw.zero_();

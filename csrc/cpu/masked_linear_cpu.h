@@ -9,6 +9,7 @@
 //   CSC: col_ptr [nbc + 1], row_idx [nnz].
 // Null layout pointers mean every block is live (the kernels then tile with an internal size).
 #pragma once
+#include <cstddef>
 #include <cstdint>
 
 namespace capkit {
@@ -35,6 +36,10 @@ void masked_linear_grad_input_f32(const float* grad_out, const float* weight, Ma
 void masked_linear_grad_weight_f32(const float* grad_out, const float* x, const float* weight, MaskView mask,
                                    float* dweight, float* dmask, int64_t M, int64_t N, int64_t K,
                                    const int32_t* row_ptr, const int32_t* col_idx, int block_size);
+
+// Asks the kernel for 2 MiB pages over the 2 MiB-aligned interior of [p, p + bytes) when the
+// range is large (first-touch faults of 4 KiB pages are a large share of a big layer's time).
+void advise_huge_pages(void* p, size_t bytes);
 
 bool cpu_has_avx2_fma();
 int cpu_max_threads();
