@@ -193,12 +193,15 @@ def dispatch_rules_from(result: Dict) -> List[Dict]:
     for backend in sorted({r["backend"] for r in result["rows"]} & {"cpu", "cuda", "triton"}):
         for kind, kind_name in kinds.items():
             for mode, op in (("inference", "forward"), ("training", "forward+backward")):
-                pts = sorted(
-                    ((r["density"], r.get("speedup_vs_masked") or 0.0) for r in result["rows"]
-                     if r["backend"] == backend and r["kind"] == kind and r["op"] == op),
-                    key=lambda p: p[0])
-                if not pts:
+                # Group the shapes measured at each sparsity: a sparsity counts as a win only if
+                # the backend won on every shape there (density: the highest measured in the group).
+                groups: Dict[float, List] = {}
+                for r in result["rows"]:
+                    if r["backend"] == backend and r["kind"] == kind and r["op"] == op:
+                        groups.setdefault(r["sparsity"], []).append((r["density"], r.get("speedup_vs_masked") or 0.0))
+                if not groups:
                     continue
+                pts = sorted((max(d for d, _ in g), min(s for _, s in g)) for g in groups.values())
                 max_density = None
                 for density, speedup in pts:  # sparsest first; stop at the first loss
                     if speedup < 1.0:
@@ -213,6 +216,29 @@ def dispatch_rules_from(result: Dict) -> List[Dict]:
                     rule.pop("max_density")  # wins everywhere it was measured
                 rules.append(rule)
     return rules
+
+
+def update_dispatch_table(result: Dict, path: Path) -> None:
+    """Replace the rules of this device type and dtype in capkit/ops/dispatch_table.json."""
+    rules = dispatch_rules_from(result)
+    table = json.loads(TABLE_PATH.read_text()) if TABLE_PATH.exists() else {"rules": []}
+    dev_type, dtype = result["machine"]["device_type"], result["dtype"]
+    kept = [r for r in table.get("rules", []) if not (r["device"] == dev_type and r["dtype"] == dtype)]
+    root = Path(__file__).resolve().parents[1]
+    path = Path(path).resolve()
+    table = {
+        "about": "Rules for backend='auto', written by `python -m benchmarks.masked_linear "
+                 "--update-dispatch-table` from measured results; first match wins, else the torch reference.",
+        "sources": {**table.get("sources", {}), f"{dev_type}/{dtype}": {
+            "device": result["machine"]["device"], "commit": result["machine"].get("git_commit"),
+            "date": result["machine"]["date"],
+            "file": str(path.relative_to(root)) if path.is_relative_to(root) else str(path)}},
+        "rules": kept + rules,
+    }
+    tmp = TABLE_PATH.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(table, indent=1) + "\n")
+    tmp.replace(TABLE_PATH)
+    print(f"dispatch table: {len(rules)} rule(s) for {dev_type}/{dtype} written to {TABLE_PATH}")
 
 
 def summary_markdown(result: Dict) -> str:
@@ -251,7 +277,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/<device>)")
     p.add_argument("--update-dispatch-table", action="store_true",
                    help=f"write the rules for backend='auto' measured here into {TABLE_PATH.name}")
+    p.add_argument("--dispatch-from", type=Path, default=None, metavar="RESULT_JSON",
+                   help="only rewrite the backend='auto' rules from an existing result file")
     args = p.parse_args(argv)
+    if args.dispatch_from is not None:
+        update_dispatch_table(json.loads(args.dispatch_from.read_text()), args.dispatch_from)
+        return 0
     if args.quick:
         args.tokens = args.tokens or 1024
         args.shapes = args.shapes or ["bert-ffn-in", "bert-ffn-out"]
@@ -273,21 +304,7 @@ def main(argv=None) -> int:
     print(md)
     print(f"results: {path}")
     if args.update_dispatch_table:
-        rules = dispatch_rules_from(result)
-        table = json.loads(TABLE_PATH.read_text()) if TABLE_PATH.exists() else {"rules": []}
-        dev_type, dtype = result["machine"]["device_type"], result["dtype"]
-        kept = [r for r in table.get("rules", []) if not (r["device"] == dev_type and r["dtype"] == dtype)]
-        table = {
-            "about": "Rules for backend='auto', written by `python -m benchmarks.masked_linear "
-                     "--update-dispatch-table` from measured results; first match wins, else the torch reference.",
-            "sources": {**table.get("sources", {}), f"{dev_type}/{dtype}": {
-                "device": result["machine"]["device"], "commit": result["machine"].get("git_commit"),
-                "date": result["machine"]["date"], "file": str(path.relative_to(Path(__file__).resolve().parents[1]))
-                if path.is_relative_to(Path(__file__).resolve().parents[1]) else str(path)}},
-            "rules": kept + rules,
-        }
-        TABLE_PATH.write_text(json.dumps(table, indent=1) + "\n")
-        print(f"dispatch table: {len(rules)} rule(s) for {dev_type}/{dtype} written to {TABLE_PATH}")
+        update_dispatch_table(result, path)
     return 0 if not result["failures"] else 1
 
 

@@ -39,8 +39,11 @@ def test_failure_is_reported_not_timed(tmp_path, monkeypatch):
 
 
 def test_dispatch_rules_stop_at_first_loss():
-    rows = [{"backend": "cpu", "kind": "block", "op": "forward", "density": d, "speedup_vs_masked": s}
-            for d, s in ((0.05, 4.0), (0.1, 3.0), (0.5, 0.9), (1.0, 1.2))]
+    rows = [{"backend": "cpu", "kind": "block", "op": "forward", "sparsity": 1 - d, "density": d,
+             "speedup_vs_masked": s} for d, s in ((0.05, 4.0), (0.1, 3.0), (0.5, 0.9), (1.0, 1.2))]
+    # Two shapes at 2:4: a loss on one of them means no rule.
+    rows += [{"backend": "cpu", "kind": "nm", "op": "forward", "sparsity": 0.5, "density": 0.5,
+              "speedup_vs_masked": s} for s in (1.2, 0.7)]
     rules = bench.dispatch_rules_from({"machine": {"device_type": "cpu"}, "dtype": "float32", "rows": rows})
     assert len(rules) == 1
     assert rules[0]["max_density"] == pytest.approx(0.101)
