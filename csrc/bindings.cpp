@@ -13,6 +13,7 @@
 #include <optional>
 #include <string>
 
+#include "cpu/info_nce_cpu.h"
 #include "cpu/masked_linear_cpu.h"
 
 namespace capkit {
@@ -152,6 +153,93 @@ std::tuple<Tensor, Tensor> grad_weight_cpu(const Tensor& grad_out, const Tensor&
   return {dw, dm};
 }
 
+// ---------------------------------------------------------------------------------------------
+// info_nce: the checks and views shared by the forward and backward.
+void check_cpu(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "capkit: ", name, " must be a CPU tensor for the cpu backend, got one on ",
+              t.device());
+}
+
+void check_index_vector(const Tensor& t, int64_t n, const char* name, const char* rows_of) {
+  check_cpu(t, name);
+  TORCH_CHECK(t.scalar_type() == at::kLong, "capkit: ", name, " must be int64, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "capkit: ", name, " must be a vector of length ", n, " (one per row of ",
+              rows_of, "), got shape ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "capkit: ", name, " must be contiguous");
+}
+
+cpu::InfoNceArgs info_nce_args(const Tensor& qs, const Tensor& keys, const OptTensor& key_scale, const Tensor& qid,
+                               const Tensor& kid, const OptTensor& qlab, const OptTensor& klab,
+                               const OptTensor& self_index) {
+  check_matrix(qs, "qs");
+  check_f32_cpu(qs, "qs");
+  check_matrix(keys, "keys");
+  check_cpu(keys, "keys");
+  const auto kt = keys.scalar_type();
+  TORCH_CHECK(kt == at::kFloat || kt == at::kHalf || kt == at::kBFloat16,
+              "capkit: keys must be float32, float16 or bfloat16, got ", kt);
+  const int64_t B = qs.size(0), d = qs.size(1), M = keys.size(0);
+  TORCH_CHECK(keys.size(1) == d, "capkit: keys must have ", d, " columns to match qs, got shape ", keys.sizes());
+  if (key_scale.has_value()) {
+    check_f32_cpu(*key_scale, "key_scale");
+    TORCH_CHECK(key_scale->dim() == 1 && key_scale->size(0) == M && key_scale->is_contiguous(),
+                "capkit: key_scale must be a contiguous vector of length ", M, " (one per key), got shape ",
+                key_scale->sizes());
+  }
+  check_index_vector(qid, B, "qid", "qs");
+  check_index_vector(kid, M, "kid", "keys");
+  TORCH_CHECK(qlab.has_value() == klab.has_value(), "capkit: qlab and klab must be given together");
+  if (qlab.has_value()) {
+    check_index_vector(*qlab, B, "qlab", "qs");
+    check_index_vector(*klab, M, "klab", "keys");
+  }
+  if (self_index.has_value()) {
+    check_index_vector(*self_index, B, "self_index", "qs");
+    const int64_t* si = self_index->data_ptr<int64_t>();
+    for (int64_t i = 0; i < B; ++i)
+      TORCH_CHECK(si[i] >= -1 && si[i] < M, "capkit: self_index entries must lie in [-1, ", M, "), got ", si[i],
+                  " at position ", i);
+  }
+  cpu::InfoNceArgs a;
+  a.qs = qs.data_ptr<float>();
+  a.keys = keys.data_ptr();
+  a.key_type = kt == at::kFloat ? cpu::KeyType::kF32 : kt == at::kHalf ? cpu::KeyType::kF16 : cpu::KeyType::kBF16;
+  a.key_scale = key_scale.has_value() ? key_scale->data_ptr<float>() : nullptr;
+  a.qid = qid.data_ptr<int64_t>();
+  a.kid = kid.data_ptr<int64_t>();
+  a.qlab = qlab.has_value() ? qlab->data_ptr<int64_t>() : nullptr;
+  a.klab = klab.has_value() ? klab->data_ptr<int64_t>() : nullptr;
+  a.self_index = self_index.has_value() ? self_index->data_ptr<int64_t>() : nullptr;
+  a.B = B;
+  a.M = M;
+  a.d = d;
+  return a;
+}
+
+Tensor info_nce_forward_cpu(const Tensor& qs, const Tensor& keys, const OptTensor& key_scale, const Tensor& qid,
+                            const Tensor& kid, const OptTensor& qlab, const OptTensor& klab,
+                            const OptTensor& self_index) {
+  const auto a = info_nce_args(qs, keys, key_scale, qid, kid, qlab, klab, self_index);
+  Tensor stats = at::empty({a.B, 5}, qs.options());
+  cpu::info_nce_forward_f32(a, stats.data_ptr<float>());
+  return stats;
+}
+
+Tensor info_nce_backward_cpu(const Tensor& qs, const Tensor& keys, const OptTensor& key_scale, const Tensor& qid,
+                             const Tensor& kid, const OptTensor& qlab, const OptTensor& klab,
+                             const OptTensor& self_index, const Tensor& lse, const Tensor& coef) {
+  const auto a = info_nce_args(qs, keys, key_scale, qid, kid, qlab, klab, self_index);
+  check_f32_cpu(lse, "lse");
+  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == a.B && lse.is_contiguous(),
+              "capkit: lse must be a contiguous vector of length ", a.B, " (one per query), got shape ", lse.sizes());
+  check_f32_cpu(coef, "coef");
+  TORCH_CHECK(coef.dim() == 2 && coef.size(0) == a.B && coef.size(1) == 3 && coef.is_contiguous(),
+              "capkit: coef must be a contiguous [", a.B, ", 3] tensor, got shape ", coef.sizes());
+  Tensor dqs = at::empty({a.B, a.d}, qs.options());
+  cpu::info_nce_backward_f32(a, lse.data_ptr<float>(), coef.data_ptr<float>(), dqs.data_ptr<float>());
+  return dqs;
+}
+
 }  // namespace
 }  // namespace capkit
 
@@ -165,12 +253,20 @@ TORCH_LIBRARY(capkit, m) {
   m.def(
       "masked_linear_grad_weight(Tensor grad_out, Tensor x, Tensor weight, Tensor? mask, Tensor? row_ptr, "
       "Tensor? col_idx, int block_size, bool need_weight_grad, bool need_mask_grad) -> (Tensor, Tensor)");
+  m.def(
+      "info_nce_forward(Tensor qs, Tensor keys, Tensor? key_scale, Tensor qid, Tensor kid, Tensor? qlab, "
+      "Tensor? klab, Tensor? self_index) -> Tensor");
+  m.def(
+      "info_nce_backward(Tensor qs, Tensor keys, Tensor? key_scale, Tensor qid, Tensor kid, Tensor? qlab, "
+      "Tensor? klab, Tensor? self_index, Tensor lse, Tensor coef) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(capkit, CPU, m) {
   m.impl("masked_linear_forward", &capkit::forward_cpu);
   m.impl("masked_linear_grad_input", &capkit::grad_input_cpu);
   m.impl("masked_linear_grad_weight", &capkit::grad_weight_cpu);
+  m.impl("info_nce_forward", &capkit::info_nce_forward_cpu);
+  m.impl("info_nce_backward", &capkit::info_nce_backward_cpu);
 }
 
 namespace py = pybind11;

@@ -48,3 +48,16 @@ def test_dispatch_rules_stop_at_first_loss():
     assert len(rules) == 1
     assert rules[0]["max_density"] == pytest.approx(0.101)
     assert rules[0]["mode"] == "inference" and rules[0]["mask_kind"] == "block"
+
+
+def test_info_nce_benchmark_runs(tmp_path):
+    from benchmarks import info_nce as bench_nce
+
+    rc = bench_nce.main(["--device", "cpu", "--shapes", "4x64x16", "--min-time", "0.01", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "info_nce.json").read_text())
+    ops = {(r["backend"], r["op"]) for r in data["rows"]}
+    assert {("torch", "forward"), ("torch", "forward+backward"), ("cross_entropy", "forward+backward")} <= ops
+    assert all(r["median_s"] > 0 and r["read_floor_s"] > 0 for r in data["rows"])
+    assert rc == (1 if any(not f["error"].startswith("skipped") for f in data["failures"]) else 0)
+    with pytest.raises(SystemExit):
+        bench_nce.main(["--shapes", "4x64"])

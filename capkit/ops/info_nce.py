@@ -1,0 +1,274 @@
+"""``info_nce``: CAP's multi-positive contrastive loss in one streaming pass over the keys.
+
+For queries ``q [B, d]`` (the only input with a gradient) and keys ``[M, d]``, with
+``s_ij = q_i . k_j / temperature`` (both L2-normalised when ``normalize``), key ``j`` is left out
+for query ``i`` when ``j == self_index[i]``; ``lp_ij = s_ij - log sum_j' exp(s_ij')`` over the
+keys that are not left out. Positives of query ``i``: ``P_u`` = keys with ``key_ids == query_ids[i]``
+(unsupervised), ``P_s`` = keys with ``key_labels == query_labels[i]`` (supervised). Each term
+``t`` with weight ``w_t`` is
+
+* ``normalization="cap"``: ``-w_t / (sum_i |P_i|) * sum_i (1/|P_i|) sum_{p in P_i} lp_ip``
+  (the reference code's double normalisation), or
+* ``normalization="mean"``: ``-w_t * mean over queries with positives of mean_{p in P_i} lp_ip``;
+
+queries without positives add nothing. The two terms share one log-sum-exp per query.
+
+The fast backends never hold the ``B x M`` score matrix: a forward pass streams the keys once
+and returns five numbers per query (log-sum-exp, and the sum and count of positive scores of
+each term); the backward streams them again to form ``dq``.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from capkit._ext import extension_error, load_extension
+
+__all__ = ["info_nce", "info_nce_reference", "INFO_NCE_BACKENDS"]
+
+INFO_NCE_BACKENDS = ("torch", "triton", "cpu")
+_NORMALIZATIONS = ("cap", "mean")
+_EPS = 1e-12  # as F.normalize
+
+
+def _check_inputs(query, keys, query_ids, key_ids, query_labels, key_labels, self_index, temperature,
+                  unsup_weight, sup_weight, normalization):
+    for name, t in (("query", query), ("keys", keys)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D [rows, dim], got shape {tuple(t.shape)}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{name} must be floating point, got {t.dtype}")
+    b, d = query.shape
+    m = keys.shape[0]
+    if keys.shape[1] != d:
+        raise ValueError(f"keys have dimension {keys.shape[1]} but query has {d}")
+    if keys.device != query.device:
+        raise ValueError(f"keys are on {keys.device} but query is on {query.device}")
+
+    def check_index(name, t, n):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.dim() != 1:
+            got = f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(f"{name} must be a 1-D int64 tensor, got {got}")
+        if t.shape[0] != n:
+            raise ValueError(f"{name} must have {n} entries (one per row of "
+                             f"{'query' if name.startswith(('query', 'self')) else 'keys'}), got {t.shape[0]}")
+        if t.device != query.device:
+            raise ValueError(f"{name} is on {t.device} but query is on {query.device}")
+
+    check_index("query_ids", query_ids, b)
+    check_index("key_ids", key_ids, m)
+    if (query_labels is None) != (key_labels is None):
+        raise ValueError("query_labels and key_labels must be given together")
+    if query_labels is not None:
+        check_index("query_labels", query_labels, b)
+        check_index("key_labels", key_labels, m)
+    elif sup_weight != 0:
+        raise ValueError(f"sup_weight={sup_weight} needs query_labels and key_labels")
+    if self_index is not None:
+        check_index("self_index", self_index, b)
+        if b and (bool((self_index < -1).any()) or bool((self_index >= m).any())):
+            raise ValueError(f"self_index entries must lie in [-1, {m}), -1 meaning none")
+    if not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    if normalization not in _NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {_NORMALIZATIONS}, got {normalization!r}")
+    for name, w in (("unsup_weight", unsup_weight), ("sup_weight", sup_weight)):
+        if not isinstance(w, (int, float)):
+            raise TypeError(f"{name} must be a number, got {type(w).__name__}")
+
+
+def _term_weights(cnt: torch.Tensor, weight: float, normalization: str) -> torch.Tensor:
+    """Per-query factor omega_i with L_t = -sum_i omega_i * mean_{p in P_i} lp_ip."""
+    has = cnt > 0
+    # "cap": 1 / (total number of positives) for every query (the reference's double
+    # normalisation); "mean": 1 / (number of queries that have positives).
+    denom = cnt.sum() if normalization == "cap" else has.sum().to(cnt.dtype)
+    return torch.where(has, weight / denom.clamp_min(1), torch.zeros_like(cnt))
+
+
+def info_nce_reference(query, keys, query_ids, key_ids, *, query_labels=None, key_labels=None, self_index=None,
+                       temperature=0.1, unsup_weight=1.0, sup_weight=0.0, normalization="cap", normalize=True):
+    """The definition: ``mm`` + ``log_softmax`` + masked means over the full ``B x M`` matrix."""
+    dtype = torch.promote_types(query.dtype, torch.float32)
+    q = query.to(dtype)
+    k = keys.to(dtype)
+    if normalize:
+        q = F.normalize(q, dim=1, eps=_EPS)
+        k = F.normalize(k, dim=1, eps=_EPS)
+    logits = q @ k.t() / temperature
+    b, m = logits.shape
+    valid = torch.ones(b, m, dtype=torch.bool, device=q.device)
+    if self_index is not None:
+        rows = torch.nonzero(self_index >= 0).squeeze(1)
+        valid[rows, self_index[rows]] = False
+    # Rows with no key at all have no positives; keep them finite so no NaN reaches the gradient.
+    empty_row = ~valid.any(1, keepdim=True)
+    logits = torch.where(valid, logits, torch.full_like(logits, float("-inf")))
+    logits = torch.where(empty_row, torch.zeros_like(logits), logits)
+    lp = torch.log_softmax(logits, dim=1)
+    loss = logits.new_zeros(())
+    terms = [(query_ids, key_ids, unsup_weight)]
+    if query_labels is not None and sup_weight != 0:
+        terms.append((query_labels, key_labels, sup_weight))
+    for qv, kv, w in terms:
+        if w == 0:
+            continue
+        pos = (qv[:, None] == kv[None, :]) & valid
+        cnt = pos.sum(1).to(dtype)
+        mean_lp = torch.where(pos, lp, torch.zeros_like(lp)).sum(1) / cnt.clamp_min(1)
+        loss = loss - (_term_weights(cnt, float(w), normalization) * mean_lp).sum()
+    return loss
+
+
+# ------------------------------------------------------------------------------------------
+# Streaming backends: forward -> stats [B, 5] = (lse, sum_u, cnt_u, sum_s, cnt_s) of the scores
+# s_ij = (qs_i . k_j) * key_scale_j, with qs = normalised query / temperature (fp32) and
+# key_scale the keys' inverse norms (or None); backward -> dqs [B, d] given lse and the
+# per-query coefficients coef [B, 3] = (a_u, a_s, c) of dL/ds_ij = a_u [j in P_u] + a_s [j in P_s]
+# + c softmax_ij.
+
+
+class _StreamingBackend:
+    def __init__(self, name):
+        self.name = name
+
+    def unavailable_reason(self, device: torch.device) -> Optional[str]:
+        if self.name == "cpu":
+            ext = load_extension()
+            if ext is None:
+                return f"the compiled extension capkit._C is not importable ({extension_error()})"
+            if device.type != "cpu":
+                return f"backend 'cpu' runs on cpu tensors, got tensors on {device}"
+            if not hasattr(torch.ops.capkit, "info_nce_forward"):
+                return "capkit._C was built without the info_nce kernels"
+            return None
+        try:
+            import triton  # noqa: F401
+        except ImportError as exc:
+            return f"triton is not installed ({exc})"
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            return "Triton kernels need a GPU (or TRITON_INTERPRET=1 set before import, for testing on CPU)"
+        return None
+
+    @functools.cached_property
+    def _triton(self):
+        from capkit.kernels import info_nce as mod
+
+        return mod
+
+    def forward(self, *args):
+        if self.name == "cpu":
+            return torch.ops.capkit.info_nce_forward(*args)
+        return self._triton.info_nce_forward(*args)
+
+    def backward(self, *args):
+        if self.name == "cpu":
+            return torch.ops.capkit.info_nce_backward(*args)
+        return self._triton.info_nce_backward(*args)
+
+
+_STREAMING = {"triton": _StreamingBackend("triton"), "cpu": _StreamingBackend("cpu")}
+
+
+class _InfoNCEFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, query, keys, qid, kid, qlab, klab, self_index, temperature, w_u, w_s, normalization,
+                normalize, impl):
+        qf = query.float()
+        if normalize:
+            q_norm = qf.norm(dim=1, keepdim=True).clamp_min(_EPS)
+            qn = qf / q_norm
+            key_scale = 1.0 / keys.float().norm(dim=1).clamp_min(_EPS)
+        else:
+            q_norm, qn, key_scale = None, qf, None
+        qs = (qn / temperature).contiguous()
+        keys_c = keys.contiguous()
+        stats = impl.forward(qs, keys_c, key_scale, qid, kid, qlab, klab, self_index)
+        lse, sum_u, cnt_u, sum_s, cnt_s = stats.unbind(1)
+        omega_u = _term_weights(cnt_u, float(w_u), normalization)
+        loss = -(omega_u * (sum_u / cnt_u.clamp_min(1) - lse).where(cnt_u > 0, torch.zeros_like(lse))).sum()
+        coef_u = -omega_u / cnt_u.clamp_min(1)
+        c = omega_u.clone()
+        coef_s = torch.zeros_like(coef_u)
+        if qlab is not None and w_s != 0:
+            omega_s = _term_weights(cnt_s, float(w_s), normalization)
+            loss = loss - (omega_s * (sum_s / cnt_s.clamp_min(1) - lse).where(cnt_s > 0, torch.zeros_like(lse))).sum()
+            coef_s = -omega_s / cnt_s.clamp_min(1)
+            c = c + omega_s
+        coef = torch.stack([coef_u, coef_s, c], dim=1).contiguous()
+        ctx.save_for_backward(qs, keys_c, key_scale, qid, kid, qlab, klab, self_index, lse.contiguous(), coef,
+                              qn, q_norm)
+        ctx.temperature, ctx.impl, ctx.normalize = temperature, impl, normalize
+        return loss.to(torch.promote_types(query.dtype, torch.float32))
+
+    @staticmethod
+    def backward(ctx, grad):
+        qs, keys, key_scale, qid, kid, qlab, klab, self_index, lse, coef, qn, q_norm = ctx.saved_tensors
+        dq = None
+        if ctx.needs_input_grad[0]:
+            dqs = ctx.impl.backward(qs, keys, key_scale, qid, kid, qlab, klab, self_index, lse,
+                                    (coef * grad.float()).contiguous())
+            dqn = dqs / ctx.temperature
+            if ctx.normalize:
+                dqn = (dqn - qn * (qn * dqn).sum(1, keepdim=True)) / q_norm
+            dq = dqn
+        return (dq, None, None, None, None, None, None, None, None, None, None, None, None)
+
+
+def info_nce(query, keys, query_ids, key_ids, *, query_labels=None, key_labels=None, self_index=None,
+             temperature=0.1, unsup_weight=1.0, sup_weight=0.0, normalization="cap", normalize=True,
+             backend="auto"):
+    """Multi-positive InfoNCE of CAP (see the module docstring for the exact definition).
+
+    Args:
+        query: ``[B, d]`` anchors (the gradient flows to them, through the normalisation).
+        keys: ``[M, d]`` candidates, no gradient (banks, detached copies); fp16/bf16 keys are
+            read as they are and accumulated in fp32.
+        query_ids, key_ids: int64 ``[B]`` / ``[M]``: equal ids make unsupervised positives.
+        query_labels, key_labels: optional int64: equal labels make supervised positives.
+        self_index: optional int64 ``[B]``: the key column holding query i's own copy, left out
+            of numerator and denominator (-1: none).
+        temperature: > 0. unsup_weight, sup_weight: term weights. normalization: "cap" or "mean".
+        normalize: L2-normalise query and keys inside the op.
+        backend: "auto", "torch" (reference, materialises B x M), "triton", "cpu".
+    Returns:
+        A scalar loss (float32, or float64 for float64 queries).
+    """
+    _check_inputs(query, keys, query_ids, key_ids, query_labels, key_labels, self_index, temperature,
+                  unsup_weight, sup_weight, normalization)
+    if keys.requires_grad:
+        keys = keys.detach()  # keys never receive a gradient (documented: banks, detached copies)
+    if backend == "auto":
+        backend = _choose(query)
+    if backend == "torch":
+        return info_nce_reference(query, keys, query_ids, key_ids, query_labels=query_labels,
+                                  key_labels=key_labels, self_index=self_index, temperature=temperature,
+                                  unsup_weight=unsup_weight, sup_weight=sup_weight, normalization=normalization,
+                                  normalize=normalize)
+    if backend not in _STREAMING:
+        raise ValueError(f"backend must be one of {('auto',) + INFO_NCE_BACKENDS}, got {backend!r}")
+    impl = _STREAMING[backend]
+    why = impl.unavailable_reason(query.device)
+    if why is not None:
+        raise RuntimeError(f"info_nce: backend '{backend}' cannot run here: {why}")
+    if query.shape[0] == 0:
+        return query.sum() * 0.0
+    if query.dtype == torch.float64:
+        raise TypeError("the streaming backends compute in float32; use backend='torch' for float64 queries")
+    return _InfoNCEFunction.apply(query, keys, query_ids, key_ids, query_labels, key_labels, self_index,
+                                  float(temperature), float(unsup_weight), float(sup_weight), normalization,
+                                  bool(normalize), impl)
+
+
+def _choose(query: torch.Tensor) -> str:
+    # Until benchmark results fill a table for this op, the reference is the safe default on CPU;
+    # on GPUs the streaming Triton kernel is the only path that scales to large banks.
+    if query.device.type == "cuda" and _STREAMING["triton"].unavailable_reason(query.device) is None:
+        return "triton"
+    return "torch"
