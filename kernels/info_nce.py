@@ -55,10 +55,11 @@ _PARTS = {torch.float16: 2, torch.bfloat16: 3}
 # to the key instead.
 _G_LIMIT = 16384.0
 
-# Split heuristics: aim for a few waves of programs, but give each split enough keys to
-# amortise loading its query tile; cap the partial dqs buffer.
-_WAVES = 2
-_MIN_KEYS_PER_SPLIT = 64 if _INTERPRET else 256
+# Split heuristics: with few query blocks the op is bound by reading the keys, which needs
+# programs on every SM; aim for a few waves, give each split at least a couple of key tiles,
+# and cap the partial dqs buffer.
+_WAVES = 4
+_MIN_KEYS_PER_SPLIT = 64 if _INTERPRET else 128
 _MAX_PARTIAL_ELEMS = 1 << 25
 _NOMINAL_BLOCK_B = 64
 _NOMINAL_BLOCK_DO = 128
@@ -117,10 +118,11 @@ def _make_prune(backward: bool):
             "BLOCK_DO": _pow2_at_least_16(args["D"]),
         }
         kb = int(args["KEY_BYTES"])
+        qb = 4 if int(args["N_PARTS"]) == 0 else 2 * int(args["N_PARTS"])
         seen, out = set(), []
         for c in configs:
             meta = {k: min(v, caps[k]) for k, v in c.kwargs.items()}
-            per_stage = meta["BLOCK_B"] * meta["BLOCK_D"] * 4 + meta["BLOCK_M"] * meta["BLOCK_D"] * kb
+            per_stage = meta["BLOCK_B"] * meta["BLOCK_D"] * qb + meta["BLOCK_M"] * meta["BLOCK_D"] * kb
             fixed = meta["BLOCK_M"] * meta["BLOCK_DO"] * kb if backward else 0
             stages = c.num_stages
             while stages > 2 and stages * per_stage + fixed > _SMEM_BUDGET:
