@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from capkit.ops import BlockMask, NMMask, masked_linear
+from capkit.ops._backends import apply_mask, effective_mask
 
 __all__ = ["MaskedLinear", "TopKStraightThrough"]
 
@@ -122,10 +123,7 @@ class MaskedLinear(nn.Module):
     def effective_weight(self) -> torch.Tensor:
         m = self.current_mask()
         dense = m.to_dense() if isinstance(m, (BlockMask, NMMask)) else m
-        dense = dense.detach()
-        if dense.dtype == torch.bool:
-            return torch.where(dense, self.weight.detach(), torch.zeros((), dtype=self.weight.dtype))
-        return self.weight.detach() * dense.to(self.weight.dtype)
+        return apply_mask(self.weight.detach(), effective_mask(self.weight, dense.detach(), None))
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding ``weight * mask`` (zeros in place of pruned weights)."""

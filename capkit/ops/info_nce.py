@@ -20,13 +20,12 @@ each term); the backward streams them again to form ``dq``.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from capkit._ext import extension_error, load_extension
+from capkit.ops._backends import get_backend
 
 __all__ = ["info_nce", "info_nce_reference", "INFO_NCE_BACKENDS"]
 
@@ -134,46 +133,46 @@ def info_nce_reference(query, keys, query_ids, key_ids, *, query_labels=None, ke
 # + c softmax_ij.
 
 
-class _StreamingBackend:
-    def __init__(self, name):
-        self.name = name
+class _CpuStreaming:
+    """C++ kernels of capkit._C (torch.ops.capkit.info_nce_*)."""
+
+    name = "cpu"
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
-        if self.name == "cpu":
-            ext = load_extension()
-            if ext is None:
-                return f"the compiled extension capkit._C is not importable ({extension_error()})"
-            if device.type != "cpu":
-                return f"backend 'cpu' runs on cpu tensors, got tensors on {device}"
-            if not hasattr(torch.ops.capkit, "info_nce_forward"):
-                return "capkit._C was built without the info_nce kernels"
-            return None
-        try:
-            import triton  # noqa: F401
-        except ImportError as exc:
-            return f"triton is not installed ({exc})"
-        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            return "Triton kernels need a GPU (or TRITON_INTERPRET=1 set before import, for testing on CPU)"
-        return None
+        why = get_backend("cpu").unavailable_reason(device)  # extension present, CPU tensors
+        if why is None and not hasattr(torch.ops.capkit, "info_nce_forward"):
+            why = "capkit._C was built without the info_nce kernels"
+        return why
+
+    def forward(self, *args):
+        return torch.ops.capkit.info_nce_forward(*args)
+
+    def backward(self, *args):
+        return torch.ops.capkit.info_nce_backward(*args)
+
+
+class _TritonStreaming:
+    """Triton kernels of capkit.kernels.info_nce."""
+
+    name = "triton"
+
+    def unavailable_reason(self, device: torch.device) -> Optional[str]:
+        return get_backend("triton").unavailable_reason(device)  # same requirements as masked_linear's
 
     @functools.cached_property
-    def _triton(self):
+    def _module(self):
         from capkit.kernels import info_nce as mod
 
         return mod
 
     def forward(self, *args):
-        if self.name == "cpu":
-            return torch.ops.capkit.info_nce_forward(*args)
-        return self._triton.info_nce_forward(*args)
+        return self._module.info_nce_forward(*args)
 
     def backward(self, *args):
-        if self.name == "cpu":
-            return torch.ops.capkit.info_nce_backward(*args)
-        return self._triton.info_nce_backward(*args)
+        return self._module.info_nce_backward(*args)
 
 
-_STREAMING = {"triton": _StreamingBackend("triton"), "cpu": _StreamingBackend("cpu")}
+_STREAMING = {"triton": _TritonStreaming(), "cpu": _CpuStreaming()}
 
 
 class _InfoNCEFunction(torch.autograd.Function):
@@ -191,16 +190,17 @@ class _InfoNCEFunction(torch.autograd.Function):
         keys_c = keys.contiguous()
         stats = impl.forward(qs, keys_c, key_scale, qid, kid, qlab, klab, self_index)
         lse, sum_u, cnt_u, sum_s, cnt_s = stats.unbind(1)
-        omega_u = _term_weights(cnt_u, float(w_u), normalization)
-        loss = -(omega_u * (sum_u / cnt_u.clamp_min(1) - lse).where(cnt_u > 0, torch.zeros_like(lse))).sum()
-        coef_u = -omega_u / cnt_u.clamp_min(1)
-        c = omega_u.clone()
-        coef_s = torch.zeros_like(coef_u)
-        if qlab is not None and w_s != 0:
-            omega_s = _term_weights(cnt_s, float(w_s), normalization)
-            loss = loss - (omega_s * (sum_s / cnt_s.clamp_min(1) - lse).where(cnt_s > 0, torch.zeros_like(lse))).sum()
-            coef_s = -omega_s / cnt_s.clamp_min(1)
-            c = c + omega_s
+        terms = [(sum_u, cnt_u, w_u)] + [(sum_s, cnt_s, w_s if qlab is not None else 0.0)]
+        loss = lse.new_zeros(())
+        c = torch.zeros_like(lse)  # dL/dlse
+        a = []  # dL/dsum_t per term
+        for total, cnt, w in terms:
+            omega = _term_weights(cnt, float(w), normalization)
+            mean_lp = (total / cnt.clamp_min(1) - lse).where(cnt > 0, torch.zeros_like(lse))
+            loss = loss - (omega * mean_lp).sum()
+            a.append(-omega / cnt.clamp_min(1))
+            c = c + omega
+        coef_u, coef_s = a
         coef = torch.stack([coef_u, coef_s, c], dim=1).contiguous()
         ctx.save_for_backward(qs, keys_c, key_scale, qid, kid, qlab, klab, self_index, lse.contiguous(), coef,
                               qn, q_norm)
