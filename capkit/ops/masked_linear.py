@@ -11,7 +11,7 @@ from typing import Optional, Union
 
 import torch
 
-from capkit.ops._backends import BACKENDS, choose_backend, get_backend
+from capkit.ops._backends import BACKENDS, apply_mask, choose_backend, effective_mask, get_backend
 from capkit.ops.masks import BlockLayout, BlockMask, NMMask, check_dense_mask
 
 MaskLike = Union[torch.Tensor, BlockMask, NMMask, None]
@@ -134,8 +134,8 @@ def masked_linear(
     rows = math.prod(lead)
     if rows == 0 or out_f == 0 or in_f == 0:
         # Empty problems: shape-correct results that stay in the autograd graph.
-        w = weight if dense_mask is None else weight * (dense_mask != 0 if not dense_mask.dtype.is_floating_point else dense_mask)
-        return torch.nn.functional.linear(x, w.to(x.dtype), bias)
+        w = apply_mask(weight, effective_mask(weight, dense_mask, layout))
+        return torch.nn.functional.linear(x, w, bias)
 
     training = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, dense_mask, bias)
