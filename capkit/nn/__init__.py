@@ -1,5 +1,22 @@
-"""Modules built on capkit's ops."""
+"""Modules built on capkit's ops, and the patching of transformers encoders."""
 from capkit.nn.info_nce import InfoNCE
 from capkit.nn.masked_linear import MaskedLinear
+from capkit.nn.patch import (
+    ROLES,
+    UnsupportedModelError,
+    encoder_layers,
+    masked_modules,
+    patch_model,
+    unpatch,
+)
 
-__all__ = ["InfoNCE", "MaskedLinear"]
+__all__ = [
+    "InfoNCE",
+    "MaskedLinear",
+    "ROLES",
+    "UnsupportedModelError",
+    "encoder_layers",
+    "masked_modules",
+    "patch_model",
+    "unpatch",
+]
