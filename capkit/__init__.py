@@ -2,13 +2,17 @@
 the pruned models really smaller and faster."""
 from capkit._version import __version__
 
-__all__ = ["__version__", "ops", "nn"]
+__all__ = ["__version__", "ops", "nn", "pruning", "export", "load", "sparsity_report"]
 
 
 def __getattr__(name):
     # Submodules load on first use so `import capkit` stays light.
-    if name in ("ops", "nn"):
-        import importlib
+    import importlib
 
+    if name in ("ops", "nn", "pruning", "export"):
         return importlib.import_module(f"capkit.{name}")
+    if name == "load":
+        return importlib.import_module("capkit.export").load
+    if name == "sparsity_report":
+        return importlib.import_module("capkit.pruning.report").sparsity_report
     raise AttributeError(f"module 'capkit' has no attribute {name!r}")

@@ -68,6 +68,9 @@ class MaskedLinear(nn.Module):
         self.keep: float = 1.0
         self._structured: Optional[Union[BlockMask, NMMask]] = None
         self._block_cache = None  # (mask version, BlockMask)
+        # A pruning criterion (capkit.pruning) that computes the mask from scores or weights on
+        # every forward; it takes precedence over ``mask``/``scores`` when set.
+        self.criterion = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> "MaskedLinear":
@@ -109,6 +112,8 @@ class MaskedLinear(nn.Module):
 
     def current_mask(self):
         """The mask the forward uses (a tensor, BlockMask or NMMask)."""
+        if self.criterion is not None:
+            return self.criterion.mask(self)
         if self.scores is not None:
             return TopKStraightThrough.apply(self.scores, self.keep).to(self.weight.dtype)
         if self._structured is not None:
@@ -139,6 +144,9 @@ class MaskedLinear(nn.Module):
         return masked_linear(x, self.weight, self.current_mask(), self.bias, backend=self.backend)
 
     def extra_repr(self) -> str:
-        kind = "scores" if self.scores is not None else (type(self._structured).__name__ if self._structured else "dense")
+        if self.criterion is not None:
+            kind = f"criterion={self.criterion.name}"
+        else:
+            kind = "scores" if self.scores is not None else (type(self._structured).__name__ if self._structured else "dense")
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, mask={kind}, block_size={self.block_size}, backend={self.backend}")
