@@ -61,3 +61,19 @@ def test_info_nce_benchmark_runs(tmp_path):
     assert rc == (1 if any(not f["error"].startswith("skipped") for f in data["failures"]) else 0)
     with pytest.raises(SystemExit):
         bench_nce.main(["--shapes", "4x64"])
+
+
+def test_sparse_inference_benchmark_runs(tmp_path):
+    from benchmarks import sparse_inference as bench_si
+
+    rc = bench_si.main(["--quick", "--sparsities", "0.9", "--min-time", "0.01", "--out", str(tmp_path)])
+    assert rc == 0
+    result = json.loads((tmp_path / "sparse_inference_quick.json").read_text())
+    kinds = {r["kind"] for r in result["rows"]}
+    assert kinds == {"unstructured", "block32", "2:4"} and not result["failures"]
+    for r in result["rows"]:
+        assert r["sparse_ms"] > 0 and r["dense_ms"] > 0 and r["file_mb"] < r["dense_file_mb"]
+    assert result["machine"]["torch"]
+    assert (tmp_path / "sparse_inference_quick.md").read_text().startswith("# sparse exports")
+    with pytest.raises(SystemExit):
+        bench_si.main(["--sparsities", "1.0"])
