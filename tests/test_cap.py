@@ -1,0 +1,282 @@
+"""The CAP loop: banks, losses, representations, the trainer (tiny models, real code paths),
+checkpoints with exact resume, structured CAP-f with compaction, and the command line."""
+import csv
+import json
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+from capkit.cap.banks import MemoryBank, encode_representations
+from capkit.cap.config import CAPConfig, ConfigError
+from capkit.cap.losses import ContrastiveSettings, contrastive_loss, kd_loss
+from capkit.cap.representations import RepresentationTap
+from capkit.ops import info_nce_reference
+
+WORDS = {0: ["apple", "banana", "pear", "plum"], 1: ["car", "truck", "bus", "train"], 2: ["sun", "rain", "snow", "wind"]}
+NOISE = ["the", "a", "of", "and", "is", "big", "small", "red", "blue", "old"]
+
+
+def _write_texts(path, n, seed):
+    rng = random.Random(seed)
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["text", "label"])
+        for i in range(n):
+            label = i % 3
+            words = rng.sample(WORDS[label], 2) + rng.sample(NOISE, 4)
+            rng.shuffle(words)
+            w.writerow([" ".join(words), ["fruit", "vehicle", "weather"][label]])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny BERT classifier with its own WordPiece vocabulary, and train/dev CSV files."""
+    root = tmp_path_factory.mktemp("tiny")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted({w for ws in WORDS.values() for w in ws} | set(NOISE))
+    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = transformers.BertTokenizerFast(vocab_file=str(root / "vocab.txt"))
+    cfg = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.1,
+                                  attention_probs_dropout_prob=0.1)
+    torch.manual_seed(0)
+    transformers.BertModel(cfg).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    _write_texts(root / "train.csv", 48, 0)
+    _write_texts(root / "dev.csv", 24, 1)
+    return root
+
+
+def _cfg(tiny, out, **kw):
+    base = dict(model=str(tiny / "model"), task="text", train_file=str(tiny / "train.csv"),
+                dev_file=str(tiny / "dev.csv"), output_dir=str(out), epochs=2.0, batch_size=8, max_length=16,
+                teacher_epochs=1, extra_negatives=16, learning_rate=1e-3, progress=False, tensorboard=False,
+                save_every=0, initial_warmup=0.5, final_warmup=0.5, sparsity=0.75, eval_batch_size=16)
+    base.update(kw)
+    return CAPConfig(**base)
+
+
+# -- building blocks ------------------------------------------------------------------------------
+def test_bank_keys_and_sampling():
+    bank = MemoryBank("snc", labels=torch.tensor([0, 1, 2, 0, 1]))
+    bank.add(torch.randn(5, 4))
+    bank.add(torch.randn(5, 4))
+    keys, ids = bank.keys_of(torch.tensor([3, 1]))
+    assert ids.tolist() == [3, 1, 3, 1]
+    torch.testing.assert_close(keys[2], bank.snapshots[1][3])
+    g = torch.Generator().manual_seed(0)
+    assert len(bank.sample(6, g)) == 3  # E // R
+    assert sorted(bank.sample(100, g).tolist()) == [0, 1, 2, 3, 4]  # min(E // R, N): no crash
+    restored = MemoryBank.from_state_dict(bank.state_dict())
+    assert restored.num_snapshots == 2 and torch.equal(restored.labels, bank.labels)
+    with pytest.raises(ValueError, match="snapshot shape"):
+        bank.add(torch.randn(4, 4))
+
+
+def test_contrastive_loss_builds_the_candidate_set():
+    torch.manual_seed(1)
+    n, d, b = 12, 8, 4
+    labels = torch.randint(0, 3, (n,))
+    bank = MemoryBank("fic", labels)
+    bank.add(torch.randn(n, d))
+    bank.add(torch.randn(n, d))
+    ids = torch.tensor([5, 0, 7, 3])
+    anchor = torch.randn(b, d, requires_grad=True)
+    s = ContrastiveSettings(temperature=0.2, extra_negatives=6, unsup_weight=0.5, sup_weight=2.0)
+    got = contrastive_loss(anchor, ids, labels[ids], anchor.detach(), ids, labels[ids], bank, s,
+                           torch.Generator().manual_seed(3))
+    sampled = torch.randperm(n, generator=torch.Generator().manual_seed(3))[:3]
+    stacked = torch.stack(bank.snapshots)
+    keys = torch.cat([anchor.detach(), stacked[:, ids].reshape(-1, d), stacked[:, sampled].reshape(-1, d)])
+    key_ids = torch.cat([ids, ids.repeat(2), sampled.repeat(2)])
+    want = info_nce_reference(anchor.double(), keys.double(), ids, key_ids, query_labels=labels[ids],
+                              key_labels=labels[key_ids], self_index=torch.arange(b), temperature=0.2,
+                              unsup_weight=0.5, sup_weight=2.0)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_kd_loss_hand_value():
+    s, t = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    p, q = F.softmax(t / 2, -1), F.softmax(s / 2, -1)
+    assert float(kd_loss(s, t, 2.0)) == pytest.approx(float((p * (p / q).log()).sum() * 4), rel=1e-5)
+    with pytest.raises(ValueError, match="temperature"):
+        kd_loss(s, t, 0.0)
+
+
+def test_representation_tap_reads_pooler_and_classifier_input():
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=20, num_labels=3, hidden_dropout_prob=0.5)
+    model = transformers.BertForSequenceClassification(cfg)
+    ids = torch.randint(0, 30, (3, 7))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[0, 4:] = 0
+    model.eval()
+    with RepresentationTap(model, "cls") as tap:
+        model(input_ids=ids, attention_mask=mask)
+        pooled = model.bert(input_ids=ids, attention_mask=mask).pooler_output
+        torch.testing.assert_close(tap.vector(), pooled)
+    model.train()
+    with RepresentationTap(model, "cls") as tap:
+        seen = {}
+        h = model.classifier.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0]))
+        model(input_ids=ids, attention_mask=mask)
+        h.remove()
+        assert torch.equal(tap.anchor(), seen["x"])  # dropout included: what the classifier saw
+    model.eval()
+    with RepresentationTap(model, "mean") as tap:
+        model(input_ids=ids, attention_mask=mask)
+        last = model.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        torch.testing.assert_close(tap.vector()[0], last[0, :4].mean(0))
+
+
+def test_encode_representations_rows_follow_example_ids():
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=20)
+    model = transformers.BertModel(cfg).train()
+    ids = torch.randint(0, 30, (5, 6))
+    batches = [{"input_ids": ids[[4, 1]], "example_id": torch.tensor([4, 1])},
+               {"input_ids": ids[[0, 2, 3]], "example_id": torch.tensor([0, 2, 3])}]
+    bank = encode_representations(model, batches, 5, progress=False)
+    assert model.training  # mode restored
+    model.eval()
+    torch.testing.assert_close(bank, model(input_ids=ids).pooler_output)
+    with pytest.raises(ValueError, match="1 of 5 missing"):
+        encode_representations(model, batches[1:] + [{"input_ids": ids[[4]], "example_id": torch.tensor([4])}],
+                               5, progress=False)
+
+
+# -- configuration ----------------------------------------------------------------------------------
+def test_config_defaults_and_errors():
+    c = CAPConfig(method="cap-f").resolved()
+    assert (c.kd_temperature, c.unsup_weight, c.sup_weight, c.batch_size, c.learning_rate) == (1.0, 0.3, 3.0, 16, 2e-5)
+    c = CAPConfig(method="cap-m", task="squad").resolved()
+    assert (c.unsup_weight, c.sup_weight, c.max_length, c.initial_warmup, c.final_warmup) == (0.5, 0.0, 384, 1.0, 2.0)
+    c = CAPConfig(method="movement").resolved()
+    assert not (c.prc or c.snc or c.fic) and c.kd
+    with pytest.raises(ConfigError, match="sparsity must be in"):
+        CAPConfig(sparsity=1.0).resolved()
+    with pytest.raises(ConfigError, match="method must be one of"):
+        CAPConfig(method="cap-x").resolved()
+    with pytest.raises(ConfigError, match="unknown setting"):
+        CAPConfig.from_dict({"sparsty": 0.9})
+
+
+# -- the trainer ------------------------------------------------------------------------------------
+def _teacher(tiny):
+    torch.manual_seed(5)
+    return transformers.BertForSequenceClassification.from_pretrained(
+        tiny / "model", num_labels=3, id2label={0: "fruit", 1: "vehicle", 2: "weather"},
+        label2id={"fruit": 0, "vehicle": 1, "weather": 2})
+
+
+def _run(cfg, teacher=None):
+    from capkit.cap.trainer import CAPRun
+
+    return CAPRun(cfg, teacher=teacher).fit()
+
+
+def test_cap_m_end_to_end_with_self_finetuned_teacher(tiny, tmp_path, capsys):
+    import capkit
+
+    report = _run(_cfg(tiny, tmp_path / "run", block_size=16))
+    err = capsys.readouterr().err
+    assert "fine-tuning a teacher" in err
+    out = tmp_path / "run"
+    assert (out / "teacher" / "capkit.json").exists()
+    assert report["pruned"]["sparsity"] == pytest.approx(0.75, abs=0.01)
+    assert set(report["pruned"]["metrics"]) >= {"accuracy", "main"}
+    assert report["dense"]["metrics"] is not None
+    assert report["latency"]["export_matches"]
+    log = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    kinds = {k for rec in log for k in rec}
+    assert {"ce", "kd", "prc", "fic", "snc", "keep", "examples_per_s"} <= kinds
+    assert sum(rec["kind"] == "eval" for rec in log) == 2
+    loaded = capkit.load(out / "model-sparse")
+    assert capkit.sparsity_report(loaded).sparsity == pytest.approx(0.75, abs=0.01)
+    assert json.loads((out / "report.json").read_text())["method"] == "cap-m"
+    assert "speed-up" in (out / "report.md").read_text()
+    with pytest.raises(ConfigError, match="--resume"):
+        _run(_cfg(tiny, out))
+
+
+@pytest.mark.parametrize("method", ["cap-soft", "magnitude"])
+def test_other_unstructured_methods_run(tiny, tmp_path, method):
+    report = _run(_cfg(tiny, tmp_path / method, method=method, reg_lambda=1.0, soft_threshold=0.55,
+                       score_learning_rate=0.1),
+                  teacher=_teacher(tiny))
+    assert 0.0 < report["pruned"]["sparsity"] < 1.0
+
+
+def test_resume_gives_the_same_result(tiny, tmp_path, monkeypatch):
+    from capkit.cap import trainer
+
+    teacher = _teacher(tiny)
+    straight = _run(_cfg(tiny, tmp_path / "a", save_every=2), teacher=teacher)
+    real_loss = trainer.CAPRun._loss
+
+    def interrupt_at_step_5(self, batch, tap):
+        if self.global_step == 5:
+            self._interrupted = True
+        return real_loss(self, batch, tap)
+
+    monkeypatch.setattr(trainer.CAPRun, "_loss", interrupt_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        _run(_cfg(tiny, tmp_path / "b", save_every=2), teacher=teacher)
+    monkeypatch.undo()
+    state = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    assert state["global_step"] == 6
+    resumed = _run(_cfg(tiny, tmp_path / "b", save_every=2, resume=True), teacher=teacher)
+    assert resumed["pruned"]["metrics"] == straight["pruned"]["metrics"]
+    a = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "a" / "model-dense").state_dict()
+    b = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "b" / "model-dense").state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)
+    with pytest.raises(ConfigError, match="settings differ"):
+        _run(_cfg(tiny, tmp_path / "b", save_every=2, resume=True, sparsity=0.5), teacher=teacher)
+
+
+def test_cap_f_prunes_heads_and_neurons_and_compacts(tiny, tmp_path):
+    import capkit
+
+    cfg = _cfg(tiny, tmp_path / "f", method="cap-f", structured_fractions=[0.25, 0.5], structured_epochs=1.0)
+    report = _run(cfg, teacher=_teacher(tiny))
+    assert [h["fraction"] for h in report["history"]] == [0.25, 0.5]
+    assert report["pruned"]["heads_left"] == 4 and report["pruned"]["neurons_left"] == 64
+    loaded = capkit.load(tmp_path / "f" / "model-compact")
+    assert sum(p.numel() for p in loaded.parameters()) == report["pruned"]["parameters"]
+    assert report["latency"]["export_matches"]
+
+
+# -- the command line -------------------------------------------------------------------------------
+def test_cli_help_lists_every_setting(capsys):
+    import dataclasses
+
+    from capkit.prune import build_parser
+
+    text = build_parser().format_help()
+    for f in dataclasses.fields(CAPConfig):
+        assert "--" + f.name.replace("_", "-") in text
+    assert "default: 0.9" in text and "--no-prc" in text
+
+
+def test_cli_config_file_flags_and_errors(tmp_path, capsys):
+    from capkit.prune import config_from_args, main
+
+    (tmp_path / "run.yaml").write_text("model: some/model\ntask: rte\nsparsity: 0.8\nextra-negatives: 128\n")
+    cfg = config_from_args(["--config", str(tmp_path / "run.yaml"), "--sparsity", "0.97", "--no-snc"])
+    assert (cfg.model, cfg.task, cfg.sparsity, cfg.extra_negatives, cfg.snc) == ("some/model", "rte", 0.97, 128, False)
+    default = config_from_args([])
+    assert (default.model, default.task, default.block_size) == ("minilm", "bbc_news", 32)
+    assert "embedded default" in capsys.readouterr().err
+    assert config_from_args(["finetune", "--task", "rte"]).method == "finetune"
+    assert main(["--task", "rte", "--sparsity", "2"]) == 2
+    assert "sparsity must be in [0, 1)" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{bad")
+    assert main(["--config", str(tmp_path / "bad.json")]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        config_from_args(["--method", "cap-x"])
