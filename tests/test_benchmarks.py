@@ -77,3 +77,13 @@ def test_sparse_inference_benchmark_runs(tmp_path):
     assert (tmp_path / "sparse_inference_quick.md").read_text().startswith("# sparse exports")
     with pytest.raises(SystemExit):
         bench_si.main(["--sparsities", "1.0"])
+
+
+def test_mask_threshold_benchmark_runs(tmp_path):
+    from benchmarks import mask_threshold as bench_mt
+
+    rc = bench_mt.main(["--device", "cpu", "--quick", "--keeps", "0.1", "--min-time", "0.01", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "mask_threshold_quick.json").read_text())
+    backends = {(r["scope"], r["backend"]) for r in data["rows"]}
+    assert {("per-matrix", "sort (reference)"), ("per-matrix", "kthvalue"), ("global", "kthvalue")} <= backends
+    assert rc == 0 and all(r["median_s"] > 0 for r in data["rows"])
