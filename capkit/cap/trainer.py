@@ -228,7 +228,11 @@ class CAPRun:
         """This rank's share of the epoch's shuffled example order (the same on every resume)."""
         g = torch.Generator().manual_seed(self.cfg.seed * 100003 + epoch)
         perm = torch.randperm(self.num_examples, generator=g)
-        return perm[dist.rank()::dist.world_size()]
+        world = dist.world_size()
+        if world > 1:  # every rank gets the same number of batches (repeat a few examples)
+            padded = math.ceil(self.num_examples / world) * world
+            perm = torch.cat([perm, perm[: padded - self.num_examples]])
+        return perm[dist.rank()::world]
 
     def _bank_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.autocast_bf16 else torch.float32
