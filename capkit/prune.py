@@ -46,6 +46,7 @@ _HELP = {
     "batch_size": "examples per optimiser step and process (before --grad-accum)",
     "eval_batch_size": "examples per batch when evaluating and encoding banks",
     "max_length": "tokens per example",
+    "doc_stride": "question answering: context tokens shared by consecutive windows of a long context",
     "learning_rate": "peak learning rate of the weights (linear warm-up, then linear decay)",
     "score_learning_rate": "learning rate of the pruning scores (no weight decay)",
     "weight_decay": "AdamW weight decay of the weights",

@@ -326,3 +326,54 @@ def test_distributed_gloo_two_processes(tiny, tmp_path):
     for k in r0["weights"]:  # gradients were averaged: the replicas never diverge
         torch.testing.assert_close(r0["weights"][k], r1["weights"][k], atol=1e-6, rtol=1e-6, msg=k)
     assert (tmp_path / "ddp" / "report.json").exists()
+
+
+# -- other task kinds and settings --------------------------------------------------------------------
+def _squad_json(path, n, seed):
+    rng = random.Random(seed)
+    data = []
+    for i in range(n):
+        label = i % 3
+        word = rng.choice(WORDS[label])
+        context = " ".join(rng.sample(NOISE, 3) + [word] + rng.sample(NOISE, 3))
+        qas = [{"id": f"q{i}", "question": "which " + rng.choice(NOISE),
+                "answers": [{"text": word, "answer_start": context.index(word)}]}]
+        data.append({"title": "t", "paragraphs": [{"context": context, "qas": qas}]})
+    path.write_text(json.dumps({"version": "1.1", "data": data}))
+
+
+def test_squad_question_answering_runs(tiny, tmp_path):
+    data = tmp_path / "squad"
+    data.mkdir()
+    _squad_json(data / "train-v1.1.json", 24, 0)
+    _squad_json(data / "dev-v1.1.json", 8, 1)
+    torch.manual_seed(5)
+    teacher = transformers.BertForQuestionAnswering.from_pretrained(tiny / "model")
+    cfg = _cfg(tiny, tmp_path / "qa", task="squad", data_dir=str(data), train_file=None, dev_file=None,
+               max_length=24, doc_stride=8, epochs=1.0)
+    report = _run(cfg, teacher=teacher)
+    assert set(report["pruned"]["metrics"]) == {"exact_match", "f1", "main"}
+    log = [json.loads(l) for l in (tmp_path / "qa" / "metrics.jsonl").read_text().splitlines()]
+    assert any("prc" in r and "kd" in r and "ce" in r for r in log)
+    assert not any("sup" in k for r in log for k in r)
+
+
+def test_regression_task_with_bf16_autocast_and_grad_accum(tiny, tmp_path):
+    data = tmp_path / "stsb"
+    data.mkdir()
+    rng = random.Random(0)
+    for split, n in (("train", 24), ("dev", 8)):
+        rows = ["index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"]
+        for i in range(n):
+            a, b = rng.sample(NOISE, 3), rng.sample(NOISE, 3)
+            rows.append(f"{i}\tg\tf\t2020\t{i}\ts\ts\t{' '.join(a)}\t{' '.join(b)}\t{rng.uniform(0, 5):.2f}")
+        (data / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    torch.manual_seed(5)
+    teacher = transformers.BertForSequenceClassification.from_pretrained(tiny / "model", num_labels=1,
+                                                                         problem_type="regression")
+    cfg = _cfg(tiny, tmp_path / "r", task="stsb", data_dir=str(data), train_file=None, dev_file=None,
+               epochs=1.0, bf16=True, grad_accum=2)
+    report = _run(cfg, teacher=teacher)
+    assert set(report["pruned"]["metrics"]) == {"pearson", "spearman", "main"}
+    steps = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in steps) == 2  # 24 examples / (8 x 2 accumulated) per step

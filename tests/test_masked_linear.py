@@ -283,3 +283,18 @@ def test_native_op_checks_arguments():
                                                torch.zeros(0, dtype=torch.int32), 20)
     with pytest.raises(RuntimeError, match="mask must have the weight's shape"):
         torch.ops.capkit.masked_linear_forward(x, w, torch.ones(4, 8, dtype=torch.bool), None, None, None, 0)
+
+
+def test_autocast_computes_in_the_autocast_dtype_like_f_linear():
+    torch.manual_seed(0)
+    x = torch.randn(5, 24)
+    w = torch.randn(7, 24, requires_grad=True)
+    b = torch.randn(7, requires_grad=True)
+    m = (torch.rand(7, 24) > 0.5).float().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = masked_linear(x, w, m, b, backend="torch")
+        ref = torch.nn.functional.linear(x, w * m, b)
+    assert y.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref.float(), atol=0.1, rtol=0.02)
+    y.float().sum().backward()
+    assert w.grad.dtype == torch.float32 and m.grad is not None and b.grad is not None

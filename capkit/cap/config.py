@@ -50,6 +50,7 @@ class CAPConfig:
     batch_size: Optional[int] = None
     eval_batch_size: int = 64
     max_length: Optional[int] = None
+    doc_stride: int = 128                 # QA: context tokens shared by consecutive windows
     learning_rate: Optional[float] = None
     score_learning_rate: float = 1e-2
     weight_decay: Optional[float] = None
@@ -150,6 +151,7 @@ class CAPConfig:
         need(self.eval_batch_size >= 1, "eval_batch_size", ">= 1")
         need(self.grad_accum >= 1, "grad_accum", ">= 1")
         need(self.max_length is None or self.max_length >= 8, "max_length", ">= 8")
+        need(self.doc_stride >= 0, "doc_stride", ">= 0")
         need(self.learning_rate is None or self.learning_rate > 0, "learning_rate", "> 0")
         need(self.score_learning_rate > 0, "score_learning_rate", "> 0")
         need(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "in [0, 1)")

@@ -174,8 +174,8 @@ class CAPRun:
         self.student.to(self.device)
         from capkit.cap.data import encode
 
-        self.train_enc = encode(self.train_set, self.tokenizer, cfg.max_length)
-        self.dev_enc = encode(self.dev_set, self.tokenizer, cfg.max_length)
+        self.train_enc = encode(self.train_set, self.tokenizer, cfg.max_length, stride=cfg.doc_stride)
+        self.dev_enc = encode(self.dev_set, self.tokenizer, cfg.max_length, stride=cfg.doc_stride)
         self.num_examples = len(self.train_enc)
         self.example_labels = self._bank_labels()
         self.teacher = teacher

@@ -113,6 +113,10 @@ def masked_linear(
         raise ValueError(f"x's last dimension ({x.shape[-1]}) must equal weight's in_features ({in_f})")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"x must be a floating tensor (float16/bfloat16/float32/float64), got {x.dtype}")
+    if torch.is_autocast_enabled(x.device.type) and weight.dtype in (torch.float32, torch.float64):
+        # Under autocast behave like F.linear: compute in the autocast dtype (the casts are
+        # differentiable, so fp32 master weights, biases and scores still get their gradients).
+        x, weight, bias, mask = _autocast_inputs(x, weight, bias, mask)
     if weight.dtype != x.dtype:
         raise TypeError(f"weight's dtype ({weight.dtype}) must equal x's dtype ({x.dtype})")
     if weight.device != x.device:
@@ -154,5 +158,16 @@ def masked_linear(
     bias_c = bias.contiguous() if bias is not None else None
     if mask_c is not None and mask_c.requires_grad and not mask_c.dtype.is_floating_point:
         raise TypeError("mask requires grad but is not floating point")
-    y = _MaskedLinearFunction.apply(x2d, weight_c, mask_c, bias_c, layout, impl)
+    with torch.autocast(x.device.type, enabled=False):
+        y = _MaskedLinearFunction.apply(x2d, weight_c, mask_c, bias_c, layout, impl)
     return y.view(*lead, out_f)
+
+
+def _autocast_inputs(x, weight, bias, mask):
+    dtype = torch.get_autocast_dtype(x.device.type)
+    x = x.to(dtype)
+    weight = weight.to(dtype)
+    bias = bias.to(dtype) if bias is not None else None
+    if isinstance(mask, torch.Tensor) and mask.dtype.is_floating_point:
+        mask = mask.to(dtype)
+    return x, weight, bias, mask
