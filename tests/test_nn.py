@@ -68,3 +68,27 @@ def test_scores_get_straight_through_gradient():
     torch.testing.assert_close(ml.weight.grad, (dy.t() @ x) * mask, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="keep must be in"):
         ml.set_keep(0.0)
+
+
+def test_inference_with_a_folded_mask_uses_the_dense_gemm(monkeypatch):
+    import capkit.nn.masked_linear as mlmod
+
+    ml = MaskedLinear(16, 8, backend="torch")
+    mask = torch.rand(8, 16) > 0.5
+    ml.set_mask(mask)
+    x = torch.randn(3, 16)
+    calls = []
+    real = mlmod.masked_linear
+    monkeypatch.setattr(mlmod, "masked_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        want = ml.to_linear()(x)
+        torch.testing.assert_close(ml(x), want)  # weight not folded yet: the op applies the mask
+        assert calls == [1]
+        ml.weight.mul_(mask)                      # folded (what capkit.load gives)
+        torch.testing.assert_close(ml(x), want)
+        assert calls == [1]
+        ml.weight[~mask] += 1.0                   # unfolded again: detected through the version
+        ml(x)
+        assert calls == [1, 1]
+    ml(x).sum().backward()                        # training always runs the op
+    assert calls == [1, 1, 1]

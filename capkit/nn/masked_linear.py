@@ -71,6 +71,8 @@ class MaskedLinear(nn.Module):
         # A pruning criterion (capkit.pruning) that computes the mask from scores or weights on
         # every forward; it takes precedence over ``mask``/``scores`` when set.
         self.criterion = None
+        self._prefolded_key = None
+        self._prefolded = False
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> "MaskedLinear":
@@ -140,8 +142,26 @@ class MaskedLinear(nn.Module):
                 lin.bias.copy_(self.bias)
         return lin
 
+    def _weight_already_masked(self, mask) -> bool:
+        """Whether ``weight`` is zero wherever ``mask`` is (true for models loaded from an
+        export); checked once per weight/mask version."""
+        dense = mask.to_dense() if isinstance(mask, NMMask) else mask
+        key = (self.weight.data_ptr(), self.weight._version, dense.data_ptr(), dense._version)
+        if self._prefolded_key != key:
+            self._prefolded = not bool(((self.weight.detach() != 0) & (dense == 0)).any())
+            self._prefolded_key = key
+        return self._prefolded
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return masked_linear(x, self.weight, self.current_mask(), self.bias, backend=self.backend)
+        mask = self.current_mask()
+        # Inference with an unstructured or N:M mask already folded into the weight: there is no
+        # sparse kernel that beats the dense GEMM for these on this path, so run the dense one
+        # instead of re-applying the mask (block masks go to the block-sparse kernels).
+        if (not torch.is_grad_enabled() and not isinstance(mask, BlockMask)
+                and not (isinstance(mask, torch.Tensor) and mask.dtype.is_floating_point)
+                and self._weight_already_masked(mask)):
+            return torch.nn.functional.linear(x, self.weight, self.bias)
+        return masked_linear(x, self.weight, mask, self.bias, backend=self.backend)
 
     def extra_repr(self) -> str:
         if self.criterion is not None:
