@@ -9,11 +9,13 @@ times include its input checks (the NaN check among them); the ``torch.cat`` tha
 methods need for a global threshold is also timed alone. Scores are random fp32.
 
 Shapes: 12 layers x {query, key, value, attn_out: 768x768; ffn_in: 3072x768; ffn_out: 768x3072}
-(7.08 M scores); ``--quick``: 2 layers at 1/8 of the width.
+(84.9 M scores); ``--quick``: 2 layers at 1/8 of the width.
 
 Usage:
   python -m benchmarks.mask_threshold            # this device, keep in {0.5, 0.1, 0.03}
   python -m benchmarks.mask_threshold --quick    # tiny shapes (a smoke test)
+
+On a CPU one sort of all 72 matrices takes seconds: ``--min-time 10`` gives several samples.
 """
 from __future__ import annotations
 
