@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -109,7 +109,8 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    packages=["capkit", "capkit.ops", "capkit.nn", "capkit.kernels"],
+    # every capkit sub-package, plus kernels/ installed as capkit.kernels
+    packages=find_packages(include=["capkit", "capkit.*"]) + ["capkit.kernels"],
     package_dir={"capkit": "capkit", "capkit.kernels": "kernels"},
     ext_modules=[CMakeExtension("capkit._C")],
     cmdclass={"build_ext": CMakeBuild},

@@ -166,6 +166,16 @@ def write_results(name: str, device: torch.device, payload: Dict, out_dir: Optio
     return path
 
 
+def publish(name: str, device: torch.device, payload: Dict, markdown: str, quick: bool = False,
+            out_dir: Optional[Path] = None) -> Path:
+    """Write ``<name>[_quick].json`` and its markdown summary next to it, print both places."""
+    path = write_results(name + ("_quick" if quick else ""), device, payload, out_dir)
+    path.with_suffix(".md").write_text(markdown)
+    print(markdown)
+    print(f"results: {path}")
+    return path
+
+
 def markdown_table(rows: List[Dict], columns: List[str]) -> str:
     def fmt(v):
         if isinstance(v, float):

@@ -19,7 +19,7 @@ from typing import Dict, List
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import machine_info, markdown_table, measure_peaks, time_fn, write_results
+from benchmarks.harness import machine_info, markdown_table, measure_peaks, publish, time_fn
 from capkit.ops.info_nce import _STREAMING, info_nce
 
 CAP_SHAPE = (32, 4200, 768)
@@ -160,11 +160,7 @@ def main(argv=None) -> int:
         args.max_naive_elems = 2**28 if cuda else 2**25
     args.large = LARGE[:1] if args.quick or not cuda else LARGE
     result = run(args)
-    path = write_results("info_nce" + ("_quick" if args.quick else ""), torch.device(args.device), result, args.out)
-    md = summary_markdown(result)
-    path.with_suffix(".md").write_text(md)
-    print(md)
-    print(f"results: {path}")
+    publish("info_nce", torch.device(args.device), result, summary_markdown(result), args.quick, args.out)
     real_failures = [f for f in result["failures"] if not f["error"].startswith("skipped")]
     return 1 if real_failures else 0
 

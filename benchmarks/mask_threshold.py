@@ -27,7 +27,7 @@ from typing import Callable, Dict, List
 
 import torch
 
-from benchmarks.harness import machine_info, markdown_table, measure_peaks, time_fn, write_results
+from benchmarks.harness import machine_info, markdown_table, measure_peaks, publish, time_fn
 from capkit.ops._backends import get_backend
 from capkit.pruning.topk import global_topk_threshold, kept_count, topk_thresholds
 
@@ -131,12 +131,7 @@ def main(argv=None) -> int:
     if not all(0 < f <= 1 for f in args.keeps):
         p.error(f"--keeps must lie in (0, 1], got {args.keeps}")
     result = run(args)
-    path = write_results("mask_threshold" + ("_quick" if args.quick else ""), torch.device(args.device), result,
-                         args.out)
-    md = summary_markdown(result)
-    path.with_suffix(".md").write_text(md)
-    print(md)
-    print(f"results: {path}")
+    publish("mask_threshold", torch.device(args.device), result, summary_markdown(result), args.quick, args.out)
     return 1 if result["failures"] else 0
 
 

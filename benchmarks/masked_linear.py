@@ -24,8 +24,7 @@ from typing import Dict, List
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import (machine_info, markdown_table, measure_peaks, roofline_fraction, time_fn,
-                                write_results)
+from benchmarks.harness import machine_info, markdown_table, measure_peaks, publish, roofline_fraction, time_fn
 from capkit.ops import BlockMask, NMMask, backend_status, masked_linear
 from capkit.ops._backends import TABLE_PATH, get_backend
 
@@ -297,12 +296,7 @@ def main(argv=None) -> int:
             p.error(f"--sparsities must lie in [0, 1), got {s}")
 
     result = run(args)
-    path = write_results("masked_linear" + ("_quick" if args.quick else ""), torch.device(args.device), result,
-                         args.out)
-    md = summary_markdown(result)
-    path.with_suffix(".md").write_text(md)
-    print(md)
-    print(f"results: {path}")
+    path = publish("masked_linear", torch.device(args.device), result, summary_markdown(result), args.quick, args.out)
     if args.update_dispatch_table:
         update_dispatch_table(result, path)
     return 0 if not result["failures"] else 1

@@ -20,7 +20,7 @@ from typing import Dict, List
 
 import torch
 
-from benchmarks.harness import machine_info, markdown_table, time_fn, write_results
+from benchmarks.harness import machine_info, markdown_table, publish, time_fn
 
 KINDS = ("unstructured", "block32", "2:4")
 
@@ -126,11 +126,7 @@ def main(argv=None) -> int:
     if not all(0.0 <= s < 1.0 for s in args.sparsities):
         p.error(f"--sparsities must lie in [0, 1), got {args.sparsities}")
     result = run(args)
-    path = write_results("sparse_inference" + ("_quick" if args.quick else ""), torch.device("cpu"), result, args.out)
-    md = summary_markdown(result)
-    path.with_suffix(".md").write_text(md)
-    print(md)
-    print(f"results: {path}")
+    publish("sparse_inference", torch.device("cpu"), result, summary_markdown(result), args.quick, args.out)
     return 1 if result["failures"] else 0
 
 

@@ -30,7 +30,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch
 from torch import nn
 
-from benchmarks.harness import machine_info, markdown_table, measure_peaks, roofline_fraction, write_results
+from benchmarks.harness import machine_info, markdown_table, measure_peaks, publish, roofline_fraction
 from capkit.nn import encoder_layers
 from capkit.pruning.compact import compact_model, structure_of
 from capkit.pruning.structured import StructuredMasks, prune_step
@@ -276,12 +276,7 @@ def main(argv=None) -> int:
         p.error("--repeats must be >= 1 and --min-time > 0")
 
     result = run(args)
-    path = write_results("structured_inference" + ("_quick" if args.quick else ""), torch.device(args.device),
-                         result, args.out)
-    md = summary_markdown(result)
-    path.with_suffix(".md").write_text(md)
-    print(md)
-    print(f"results: {path}")
+    publish("structured_inference", torch.device(args.device), result, summary_markdown(result), args.quick, args.out)
     return 0 if not result["failures"] else 1
 
 

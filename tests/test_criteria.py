@@ -1,6 +1,5 @@
 """Pruning criteria, the straight-through estimator, threshold caching, the cubic schedule and
 the Pruner, against hand-computed cases and plain autograd."""
-import math
 
 import pytest
 import torch

@@ -119,7 +119,6 @@ def _markdown(report: dict, sparsity_table: str) -> str:
 
 def _print_summary(report: dict) -> None:
     main_dense = (report["dense"]["metrics"] or {}).get("main")
-    main_pruned = report["pruned"]["metrics"].get("main")
     print(f"\n== capkit-prune: {report['method']} on {report['task']} ==")
     if main_dense is not None:
         print(f"dense  (teacher): {_fmt(report['dense']['metrics'])}")

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Optional
-
 __all__ = ["CubicSchedule"]
 
 
