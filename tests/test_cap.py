@@ -377,3 +377,24 @@ def test_regression_task_with_bf16_autocast_and_grad_accum(tiny, tmp_path):
     assert set(report["pruned"]["metrics"]) == {"pearson", "spearman", "main"}
     steps = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in steps) == 2  # 24 examples / (8 x 2 accumulated) per step
+
+
+def test_mnli_reports_matched_and_mismatched(tiny, tmp_path):
+    data = tmp_path / "MNLI"
+    data.mkdir()
+    rng = random.Random(0)
+    labels = ["entailment", "neutral", "contradiction"]
+    for name, n in (("train", 24), ("dev_matched", 9), ("dev_mismatched", 6)):
+        rows = ["index\tsentence1\tsentence2\tgold_label"]
+        for i in range(n):
+            rows.append(f"{i}\t{' '.join(rng.sample(NOISE, 3))}\t{' '.join(rng.sample(NOISE, 3))}\t{labels[i % 3]}")
+        (data / f"{name}.tsv").write_text("\n".join(rows) + "\n")
+    cfg = _cfg(tiny, tmp_path / "m", task="mnli", data_dir=str(data), train_file=None, dev_file=None,
+               epochs=1.0, kd=False, fic=False)
+    from capkit.cap.trainer import CAPRun
+
+    run = CAPRun(cfg)
+    assert len(run.dev_set) == 9 and len(run.extra_dev["validation_mismatched"][0]) == 6
+    report = run.fit()
+    metrics = report["pruned"]["metrics"]
+    assert {"accuracy", "validation_mismatched_accuracy", "main"} <= set(metrics)

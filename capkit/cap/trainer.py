@@ -65,6 +65,18 @@ def load_data(cfg: CAPConfig):
     return train, dev
 
 
+def load_extra_dev(cfg: CAPConfig) -> Dict[str, object]:
+    """Further evaluation splits of the task, by name (MNLI: the mismatched dev set)."""
+    from capkit.cap import data
+
+    if cfg.task not in data.TASKS:
+        return {}
+    spec = data.get_task(cfg.task)
+    return {split: _subset(data.load_task(cfg.task, data_dir=cfg.data_dir, split=split), cfg.max_eval_examples,
+                           cfg.seed + 2)
+            for split in spec.dev_splits[1:]}
+
+
 def _fail(msg: str):
     raise ConfigError(msg)
 
@@ -169,6 +181,7 @@ class CAPRun:
         self.autocast_bf16 = bool(cfg.bf16) if cfg.bf16 is not None else self.device.type == "cuda"
         _seed_everything(cfg.seed + dist.rank())
         self.train_set, self.dev_set = (train, dev) if train is not None else load_data(cfg)
+        extra = load_extra_dev(cfg) if train is None else {}
         self.regression = bool(getattr(self.train_set, "is_regression", False))
         self.student, self.tokenizer = load_pretrained(cfg.model, self.train_set, qa=cfg.is_qa)
         self.student.to(self.device)
@@ -176,6 +189,9 @@ class CAPRun:
 
         self.train_enc = encode(self.train_set, self.tokenizer, cfg.max_length, stride=cfg.doc_stride)
         self.dev_enc = encode(self.dev_set, self.tokenizer, cfg.max_length, stride=cfg.doc_stride)
+        # other evaluation splits (MNLI mismatched): reported as <split>_<metric>
+        self.extra_dev = {name: (ds, encode(ds, self.tokenizer, cfg.max_length, stride=cfg.doc_stride))
+                          for name, ds in extra.items()}
         self.num_examples = len(self.train_enc)
         self.example_labels = self._bank_labels()
         self.teacher = teacher
@@ -462,12 +478,21 @@ class CAPRun:
     # -- evaluation ------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, model: Optional[nn.Module] = None) -> Dict[str, float]:
+        """Metrics of ``model`` (default: the student) on the main dev split, plus
+        ``<split>_<metric>`` for the task's other dev splits."""
+        model = self._bare_student() if model is None else model
+        metrics = self._evaluate_split(model, self.dev_set, self.dev_enc)
+        for name, (ds, enc) in self.extra_dev.items():
+            extra = self._evaluate_split(model, ds, enc)
+            metrics.update({f"{name}_{k}": v for k, v in extra.items() if k != "main"})
+        return metrics
+
+    def _evaluate_split(self, model: nn.Module, dev_set, dev_enc) -> Dict[str, float]:
         from capkit.cap.metrics import compute_metrics
 
-        model = self._bare_student() if model is None else model
         was_training = model.training
         model.eval()
-        loader = self._loader(self.dev_enc, self.cfg.eval_batch_size)
+        loader = self._loader(dev_enc, self.cfg.eval_batch_size)
         preds, starts, ends = [], [], []
         for batch in loader:
             batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -482,13 +507,13 @@ class CAPRun:
         if self.cfg.is_qa:
             from capkit.cap.data import squad_postprocess
 
-            answers = squad_postprocess(starts, ends, self.dev_enc, self.dev_set)
-            refs = [list(ex.answers) for ex in self.dev_set.examples]
-            return compute_metrics(self.dev_set.task, answers, refs)
+            answers = squad_postprocess(starts, ends, dev_enc, dev_set)
+            refs = [list(ex.answers) for ex in dev_set.examples]
+            return compute_metrics(dev_set.task, answers, refs)
         logits = torch.cat(preds)
-        refs = [ex.label for ex in self.dev_set.examples]
+        refs = [ex.label for ex in dev_set.examples]
         predictions = logits.view(-1).numpy() if self.regression else logits.numpy()
-        return compute_metrics(self.dev_set.task, predictions, refs)
+        return compute_metrics(dev_set.task, predictions, refs)
 
     # -- training --------------------------------------------------------------------------------
     def _train_epochs(self, epochs: float, optimizer, scheduler, total_steps: int,
