@@ -87,3 +87,23 @@ def test_mask_threshold_benchmark_runs(tmp_path):
     backends = {(r["scope"], r["backend"]) for r in data["rows"]}
     assert {("per-matrix", "sort (reference)"), ("per-matrix", "kthvalue"), ("global", "kthvalue")} <= backends
     assert rc == 0 and all(r["median_s"] > 0 for r in data["rows"])
+
+
+def test_runner_collects_results_and_reports_failures(tmp_path, monkeypatch):
+    import benchmarks.__main__ as runner
+    from benchmarks import info_nce as bench_nce
+
+    real = bench_nce.main
+    # a tiny shape keeps the test fast; the runner's own arguments still reach the benchmark
+    monkeypatch.setattr(bench_nce, "main", lambda argv: real(argv + ["--shapes", "4x64x16"]))
+    monkeypatch.setattr(runner.importlib.import_module("benchmarks.mask_threshold"), "main",
+                        lambda argv: (_ for _ in ()).throw(RuntimeError("kernel exploded")))
+    rc = runner.main(["--quick", "--only", "info_nce", "--only", "mask_threshold", "--min-time", "0.01",
+                      "--out", str(tmp_path)])
+    assert rc == 1
+    report = (tmp_path / "report_quick.md").read_text()
+    assert "| info_nce | ok |" in report
+    assert "failed: RuntimeError: kernel exploded" in report
+    assert (tmp_path / "info_nce_quick.json").exists() and "## " in report
+    with pytest.raises(SystemExit):
+        runner.main(["--only", "nope"])
