@@ -100,8 +100,8 @@ def _fixed_mask(module: MaskedLinear):
     return m.detach() != 0
 
 
-def _layout_info(module: MaskedLinear) -> dict:
-    m = _fixed_mask(module)
+def _layout_info(module: MaskedLinear, m) -> dict:
+    """How the layer's fixed mask ``m`` (from :func:`_fixed_mask`) is stored."""
     if isinstance(m, BlockMask):
         info = {"kind": "block", "block_size": m.block_size}
         if m.mask is not None:  # elements pruned inside live blocks too
@@ -114,9 +114,8 @@ def _layout_info(module: MaskedLinear) -> dict:
     return {"kind": "unstructured"}
 
 
-def _encode(name: str, module: MaskedLinear, info: dict) -> Dict[str, torch.Tensor]:
+def _encode(name: str, module: MaskedLinear, m, info: dict) -> Dict[str, torch.Tensor]:
     w = module.weight.detach().cpu().contiguous()
-    m = _fixed_mask(module)
     if info["kind"] == "block":
         b = m.block_size
         layout = m.layout.to("cpu")
@@ -179,15 +178,16 @@ def _decode(name: str, info: dict, shape, tensors: Dict[str, torch.Tensor], dtyp
 # ---------------------------------------------------------------------------------------------
 # save
 # ---------------------------------------------------------------------------------------------
-def _plain_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+def _plain_state_dict(model: nn.Module, fold: bool = True) -> Dict[str, torch.Tensor]:
     """The state dict of the equivalent plain transformers model: masked weights folded (zeros in
-    place of pruned weights), masks and scores left out."""
+    place of pruned weights), masks and scores left out. ``fold=False`` gives the model's own
+    tensors under those names instead (no copies: loading writes into them)."""
     masked = {id(m): name for name, m in model.named_modules() if isinstance(m, MaskedLinear)}
     out = {}
     for mod_name, module in model.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
         if id(module) in masked:
-            out[prefix + "weight"] = module.effective_weight().detach()
+            out[prefix + "weight"] = module.effective_weight() if fold else module.weight.detach()
             if module.bias is not None:
                 out[prefix + "bias"] = module.bias.detach()
             continue
@@ -220,7 +220,9 @@ def save(model: nn.Module, path: Union[str, os.PathLike], format: str = "dense",
 
     path = Path(path)
     structure = structure_of(model)
-    layers = {name: _layout_info(m) for name, m in masked_modules(model).items()}
+    modules = masked_modules(model)
+    fixed = {name: _fixed_mask(m) for name, m in modules.items()}
+    layers = {name: _layout_info(m, fixed[name]) for name, m in modules.items()}
     manifest = {
         "format": format,
         "capkit_version": __version__,
@@ -238,8 +240,8 @@ def save(model: nn.Module, path: Union[str, os.PathLike], format: str = "dense",
         try:
             if format == "sparse":
                 sparse: Dict[str, torch.Tensor] = {}
-                for name, module in masked_modules(model).items():
-                    sparse.update(_encode(name, module, layers[name]))
+                for name, module in modules.items():
+                    sparse.update(_encode(name, module, fixed[name], layers[name]))
                     del plain[name + ".weight"]
                 save_file({k: v.contiguous() for k, v in sparse.items()}, str(tmp / SPARSE_WEIGHTS))
                 model.save_pretrained(tmp, state_dict=plain)
@@ -346,7 +348,8 @@ def load(path: Union[str, os.PathLike], *, device: Union[str, torch.device] = "c
         module.set_mask(mask)
         if info.get("block_size"):
             module.block_size = int(info["block_size"])
-    expected = _plain_state_dict(model).keys()
+    targets = _plain_state_dict(model, fold=False)
+    expected = targets.keys()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     # transformers drops tied weights (e.g. an MLM decoder tied to the embeddings) from the file
@@ -355,14 +358,9 @@ def load(path: Union[str, os.PathLike], *, device: Union[str, torch.device] = "c
     if missing or unexpected:
         raise CheckpointError(
             f"weights of {str(path)!r} do not fit {cls.__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    plain_to_module = {}
-    for mod_name, module in model.named_modules():
-        prefix = f"{mod_name}." if mod_name else ""
-        for n, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-            plain_to_module[prefix + n] = t
     with torch.no_grad():
         for key, value in state.items():
-            target = plain_to_module[key]
+            target = targets[key]
             if tuple(target.shape) != tuple(value.shape):
                 raise CheckpointError(f"{key} has shape {tuple(value.shape)} in the file but {tuple(target.shape)} in the model")
             target.copy_(value)

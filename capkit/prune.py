@@ -183,11 +183,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as exc:
         print(f"capkit-prune: error: {exc}", file=sys.stderr)
         return 2
+    from capkit.cap.data import DataError, LabelOrderError
     from capkit.cap.trainer import run
 
     try:
         run(cfg)
-    except ConfigError as exc:
+    except (ConfigError, DataError, LabelOrderError) as exc:
         print(f"capkit-prune: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

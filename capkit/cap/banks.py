@@ -17,10 +17,11 @@ from torch import nn
 
 from capkit.cap.representations import RepresentationTap
 
-__all__ = ["MemoryBank", "encode_representations"]
+__all__ = ["MemoryBank", "encode_representations", "model_inputs", "to_device"]
 
 
-def _move(batch: dict, device) -> dict:
+def to_device(batch: dict, device) -> dict:
+    """The batch with its tensors on ``device``."""
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
@@ -35,9 +36,10 @@ def model_inputs(batch: dict) -> dict:
 @torch.no_grad()
 def encode_representations(model: nn.Module, loader: Iterable[dict], num_examples: int, *,
                            kind: str = "cls", device=None, dtype: torch.dtype = torch.float32,
-                           progress: bool = True, desc: str = "encoding") -> torch.Tensor:
+                           progress: bool = True, desc: str = "encoding", partial: bool = False) -> torch.Tensor:
     """[num_examples, hidden] representations of every example of ``loader`` in eval mode, row
-    ``example_id``. Every example id in ``[0, num_examples)`` must occur."""
+    ``example_id``. Every example id in ``[0, num_examples)`` must occur, unless ``partial``
+    (one rank's share under data parallelism: the rows it did not see stay zero)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -51,7 +53,7 @@ def encode_representations(model: nn.Module, loader: Iterable[dict], num_example
         it = loader
     with RepresentationTap(model, kind) as tap:
         for batch in it:
-            batch = _move(batch, device)
+            batch = to_device(batch, device)
             model(**model_inputs(batch))
             vec = tap.vector().float()
             if out is None:
@@ -62,7 +64,7 @@ def encode_representations(model: nn.Module, loader: Iterable[dict], num_example
             out[ids] = vec.to(dtype)
             seen[ids] = True
     model.train(was_training)
-    if out is None or not bool(seen.all()):
+    if out is None or (not partial and not bool(seen.all())):
         missing = int((~seen).sum())
         raise ValueError(f"the data loader did not cover every example: {missing} of {num_examples} missing")
     return out

@@ -41,7 +41,7 @@ def _fmt(metrics: Optional[dict]) -> str:
 
 def write_report(run) -> dict:
     import capkit
-    from capkit.cap.banks import model_inputs
+    from capkit.cap.banks import model_inputs, to_device
     from capkit.export import save
 
     cfg = run.cfg
@@ -50,12 +50,13 @@ def write_report(run) -> dict:
     pruned_metrics = run.evaluate(student)
     dense_metrics = run.evaluate(run.teacher) if run.teacher is not None else None
     sparsity = capkit.sparsity_report(student)
+    summary = sparsity.to_dict()
     report = {
         "method": cfg.method, "model": cfg.model, "task": cfg.task,
         "train_examples": run.num_examples, "dev_examples": len(run.dev_enc),
         "dense": {"source": "teacher" if run.teacher is not None else None, "metrics": dense_metrics},
         "pruned": {"metrics": pruned_metrics, "sparsity": sparsity.sparsity,
-                   "heads_left": sparsity.to_dict()["heads_left"], "neurons_left": sparsity.to_dict()["neurons_left"],
+                   "heads_left": summary["heads_left"], "neurons_left": summary["neurons_left"],
                    "parameters": sparsity.parameters, "nonzero_parameters": sparsity.nonzero_parameters},
         "exports": {}, "history": run.history, "device": str(run.device),
         "torch": torch.__version__, "capkit": capkit.__version__,
@@ -71,7 +72,7 @@ def write_report(run) -> dict:
         if fast is not None and run.teacher is not None:
             loaded = capkit.load(out / f"model-{fast}", device=run.device)
             loader = run._loader(run.dev_enc, cfg.eval_batch_size)
-            batch = {k: v.to(run.device) for k, v in model_inputs(next(iter(loader))).items()}
+            batch = to_device(model_inputs(next(iter(loader))), run.device)
             t_dense = measure_latency(run.teacher, batch)
             t_fast = measure_latency(loaded, batch)
             report["latency"] = {"format": fast, "batch": int(batch["input_ids"].shape[0]),

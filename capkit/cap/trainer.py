@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from capkit.cap import distributed as dist
-from capkit.cap.banks import MemoryBank, encode_representations, model_inputs
+from capkit.cap.banks import MemoryBank, encode_representations, model_inputs, to_device
 from capkit.cap.config import CAPConfig, ConfigError
 from capkit.cap.losses import ContrastiveSettings, contrastive_loss, kd_loss, task_loss
 from capkit.cap.representations import RepresentationTap
@@ -52,10 +52,8 @@ def load_data(cfg: CAPConfig):
         train = data.load_text_file(cfg.train_file, cfg.text_column, cfg.label_column, cfg.text_pair_column)
         if cfg.dev_file is None:
             raise ConfigError("dev_file must be given for task 'text' (a held-out CSV/JSONL file)")
-        dev = data.load_text_file(cfg.dev_file, cfg.text_column, cfg.label_column, cfg.text_pair_column)
-        if dev.label_names != train.label_names:
-            dev = dev.with_label_order(train.label_names) if sorted(dev.label_names) == sorted(train.label_names) \
-                else _fail(f"dev_file labels {list(dev.label_names)} differ from train_file's {list(train.label_names)}")
+        dev = data.load_text_file(cfg.dev_file, cfg.text_column, cfg.label_column, cfg.text_pair_column,
+                                  label_names=train.label_names)
     else:
         spec = data.get_task(cfg.task)
         train = data.load_task(cfg.task, data_dir=cfg.data_dir, split="train")
@@ -75,10 +73,6 @@ def load_extra_dev(cfg: CAPConfig) -> Dict[str, object]:
     return {split: _subset(data.load_task(cfg.task, data_dir=cfg.data_dir, split=split), cfg.max_eval_examples,
                            cfg.seed + 2)
             for split in spec.dev_splits[1:]}
-
-
-def _fail(msg: str):
-    raise ConfigError(msg)
 
 
 def _subset(ds, limit: Optional[int], seed: int):
@@ -258,13 +252,13 @@ class CAPRun:
         each rank encodes its share and the rows are summed into place (mapping intact)."""
         order = torch.arange(self.num_examples)[dist.rank()::dist.world_size()]
         loader = self._loader(self.train_enc, self.cfg.eval_batch_size, order)
-        if dist.is_distributed():
-            vecs = _encode_rows(model, loader, self.num_examples, self.cfg.representation, self.device)
-            vecs = dist.all_reduce_sum(vecs)
-            return vecs.to(self._bank_dtype())
-        return encode_representations(model, loader, self.num_examples, kind=self.cfg.representation,
-                                      device=self.device, dtype=self._bank_dtype(),
-                                      progress=self.cfg.progress, desc=desc)
+        partial = dist.is_distributed()
+        vecs = encode_representations(model, loader, self.num_examples, kind=self.cfg.representation,
+                                      device=self.device, dtype=torch.float32 if partial else self._bank_dtype(),
+                                      progress=self.cfg.progress and dist.is_main(), desc=desc, partial=partial)
+        if partial:
+            vecs = dist.all_reduce_sum(vecs).to(self._bank_dtype())
+        return vecs
 
     def _need_teacher(self) -> bool:
         return self.cfg.kd or self.cfg.fic
@@ -495,7 +489,7 @@ class CAPRun:
         loader = self._loader(dev_enc, self.cfg.eval_batch_size)
         preds, starts, ends = [], [], []
         for batch in loader:
-            batch = {k: v.to(self.device) for k, v in batch.items()}
+            batch = to_device(batch, self.device)
             with self._autocast():
                 out = model(**model_inputs(batch))
             if self.cfg.is_qa:
@@ -550,7 +544,7 @@ class CAPRun:
                         break
                     if self.pruner is not None:
                         self.pruner.step(self.global_step)
-                    batch = {k: v.to(self.device) for k, v in batch.items()}
+                    batch = to_device(batch, self.device)
                     loss, parts = self._loss(batch, tap)
                     (loss / cfg.grad_accum).backward()
                     self.batch_in_epoch = i + 1
@@ -662,7 +656,7 @@ class CAPRun:
                          f"{100 * fraction:.0f}% of heads and neurons")
                     loader = self._loader(self.train_enc, cfg.batch_size, self._epoch_order(10_000 + it))
                     heads, neurons = compute_importance(
-                        student, loader, lambda m, b: self._loss({k: v.to(self.device) for k, v in b.items()}, tap)[0],
+                        student, loader, lambda m, b: self._loss(to_device(b, self.device), tap)[0],
                         masks, device=self.device, progress=cfg.progress and dist.is_main())
                     new = prune_step(masks, heads, neurons, fraction)
                     if it == 0 and cfg.prc:
@@ -738,25 +732,6 @@ class CAPRun:
         from capkit.cap.report import write_report
 
         return write_report(self)
-
-
-def _encode_rows(model, loader, num_examples, kind, device) -> torch.Tensor:
-    """Like encode_representations, but rows this rank did not see stay zero (summed later)."""
-    was_training = model.training
-    model.eval()
-    out = None
-    with torch.no_grad(), RepresentationTap(model, kind) as tap:
-        for batch in loader:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            model(**model_inputs(batch))
-            vec = tap.vector().float()
-            if out is None:
-                out = torch.zeros(num_examples, vec.shape[-1], device=device)
-            out[batch["example_id"]] = vec
-    model.train(was_training)
-    if out is None:
-        raise ValueError("this rank has no examples to encode")
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

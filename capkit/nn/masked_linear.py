@@ -127,10 +127,14 @@ class MaskedLinear(nn.Module):
             return self._block_cache[1]
         return self.mask
 
+    def dense_mask(self) -> torch.Tensor:
+        """The current mask as a dense tensor of the weight's shape, without gradient."""
+        with torch.no_grad():
+            m = self.current_mask()
+        return (m.to_dense() if isinstance(m, (BlockMask, NMMask)) else m).detach()
+
     def effective_weight(self) -> torch.Tensor:
-        m = self.current_mask()
-        dense = m.to_dense() if isinstance(m, (BlockMask, NMMask)) else m
-        return apply_mask(self.weight.detach(), effective_mask(self.weight, dense.detach(), None))
+        return apply_mask(self.weight.detach(), effective_mask(self.weight, self.dense_mask(), None))
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding ``weight * mask`` (zeros in place of pruned weights)."""

@@ -12,7 +12,7 @@ from typing import Optional, Union
 import torch
 
 from capkit.ops._backends import BACKENDS, apply_mask, choose_backend, effective_mask, get_backend
-from capkit.ops.masks import BlockLayout, BlockMask, NMMask, check_dense_mask
+from capkit.ops.masks import BlockMask, NMMask, check_dense_mask
 
 MaskLike = Union[torch.Tensor, BlockMask, NMMask, None]
 

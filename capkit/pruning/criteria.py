@@ -315,8 +315,5 @@ def make_criterion(name: str, **options) -> Criterion:
 
 def kept_fraction(module) -> float:
     """Fraction of the layer's weights its current mask keeps."""
-    with torch.no_grad():
-        m = module.current_mask()
-        dense = m.to_dense() if isinstance(m, (BlockMask, NMMask)) else m
-        return float((dense != 0).float().mean())
+    return float((module.dense_mask() != 0).float().mean())
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from capkit.nn import ROLES, MaskedLinear, encoder_layers
-from capkit.ops import BlockMask, NMMask
+from capkit.ops import BlockMask
 
 __all__ = ["SparsityReport", "sparsity_report"]
 
@@ -71,9 +71,7 @@ class SparsityReport:
 
 def _kept_mask(module: nn.Module) -> torch.Tensor:
     if isinstance(module, MaskedLinear):
-        m = module.current_mask()
-        dense = m.to_dense() if isinstance(m, (BlockMask, NMMask)) else m
-        return (dense.detach() != 0) & (module.weight.detach() != 0)
+        return (module.dense_mask() != 0) & (module.weight.detach() != 0)
     return module.weight.detach() != 0
 
 
