@@ -140,6 +140,14 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _restore_optimisation(state: dict, optimizer, scheduler) -> None:
+    """Optimiser, learning-rate schedule and this rank's RNG streams from a checkpoint."""
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rngs = state["rng"]
+    _set_rng_state(rngs[dist.rank()] if dist.rank() < len(rngs) else rngs[0])
+
+
 def _atomic_torch_save(obj, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(obj, tmp)
@@ -616,9 +624,7 @@ class CAPRun:
         self._wrap_ddp()
         optimizer, scheduler = self._optimizer(cfg.learning_rate, self.total_steps)
         if state is not None:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            _set_rng_state(state["rng"][dist.rank()] if dist.rank() < len(state["rng"]) else state["rng"][0])
+            _restore_optimisation(state, optimizer, scheduler)
 
         def on_epoch_start(epoch: int) -> None:
             if epoch > 0:  # SnC: a snapshot of the student at the current sparsity
@@ -670,9 +676,7 @@ class CAPRun:
                     optimizer, scheduler = self._optimizer(cfg.learning_rate, steps)
                 else:
                     optimizer, scheduler = self._optimizer(cfg.learning_rate, steps)
-                    optimizer.load_state_dict(state["optimizer"])
-                    scheduler.load_state_dict(state["scheduler"])
-                    _set_rng_state(state["rng"][dist.rank()] if dist.rank() < len(state["rng"]) else state["rng"][0])
+                    _restore_optimisation(state, optimizer, scheduler)
                 self._train_epochs(cfg.structured_epochs, optimizer, scheduler, steps,
                                    label=f"[{100 * fraction:.0f}%] ")
                 self.history[-1]["fraction"] = fraction
@@ -709,7 +713,6 @@ class CAPRun:
         else:
             self._setup_banks()
         previous = signal.signal(signal.SIGINT, self._on_signal) if dist.is_main() else None
-        self._state = state
         try:
             if cfg.structured:
                 self._fit_structured(state)
