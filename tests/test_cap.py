@@ -1,6 +1,5 @@
 """The CAP loop: banks, losses, representations, the trainer (tiny models, real code paths),
 checkpoints with exact resume, structured CAP-f with compaction, and the command line."""
-import csv
 import json
 import random
 
@@ -15,38 +14,13 @@ from capkit.cap.losses import ContrastiveSettings, contrastive_loss, kd_loss
 from capkit.cap.representations import RepresentationTap
 from capkit.ops import info_nce_reference
 
-WORDS = {0: ["apple", "banana", "pear", "plum"], 1: ["car", "truck", "bus", "train"], 2: ["sun", "rain", "snow", "wind"]}
-NOISE = ["the", "a", "of", "and", "is", "big", "small", "red", "blue", "old"]
-
-
-def _write_texts(path, n, seed):
-    rng = random.Random(seed)
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["text", "label"])
-        for i in range(n):
-            label = i % 3
-            words = rng.sample(WORDS[label], 2) + rng.sample(NOISE, 4)
-            rng.shuffle(words)
-            w.writerow([" ".join(words), ["fruit", "vehicle", "weather"][label]])
+from _models import NOISE, WORDS, tiny_text_task
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny BERT classifier with its own WordPiece vocabulary, and train/dev CSV files."""
-    root = tmp_path_factory.mktemp("tiny")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted({w for ws in WORDS.values() for w in ws} | set(NOISE))
-    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = transformers.BertTokenizerFast(vocab_file=str(root / "vocab.txt"))
-    cfg = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.1,
-                                  attention_probs_dropout_prob=0.1)
-    torch.manual_seed(0)
-    transformers.BertModel(cfg).save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    _write_texts(root / "train.csv", 48, 0)
-    _write_texts(root / "dev.csv", 24, 1)
-    return root
+    return tiny_text_task(tmp_path_factory.mktemp("tiny"))
 
 
 def _cfg(tiny, out, **kw):

@@ -16,6 +16,7 @@ from capkit.pruning import (
     NMMovement,
     Pruner,
     SoftMovement,
+    kept_count,
     make_criterion,
     sparsity_report,
 )
@@ -159,8 +160,12 @@ def test_thresholds_are_cached_until_scores_or_keep_change():
     layers[0](x)
     assert crit.group.recomputations == 2
     layers[1].set_keep(0.5)
-    layers[2](x)
+    layers[2](x)  # its own threshold is current: no selection
+    assert crit.group.recomputations == 2
+    layers[1](x)  # its keep changed: selected again, with the new fraction
     assert crit.group.recomputations == 3
+    assert int(layers[1].current_mask().sum()) == kept_count(63, 0.5)
+    assert int(layers[2].current_mask().sum()) == kept_count(63, 0.3)
 
 
 def test_make_criterion_errors():

@@ -165,6 +165,11 @@ def _linear_warmup_decay(optimizer, warmup: int, total: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def adamw_options(device: torch.device) -> dict:
+    """Keyword arguments of ``torch.optim.AdamW`` for parameters on ``device``."""
+    return {"fused": True} if torch.device(device).type == "cuda" else {}
+
+
 def _no_decay(name: str) -> bool:
     return name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name
 
@@ -359,7 +364,9 @@ class CAPRun:
             groups.append({"params": scores, "weight_decay": 0.0, "lr": cfg.score_learning_rate})
         for g in groups:
             g.setdefault("lr", learning_rate)
-        opt = torch.optim.AdamW(groups, lr=learning_rate)
+        # The fused CUDA AdamW: one kernel for all parameters (movement pruning doubles the
+        # encoder's parameter count with its scores, so the optimiser step matters).
+        opt = torch.optim.AdamW(groups, lr=learning_rate, **adamw_options(self.device))
         sched = _linear_warmup_decay(opt, int(round(cfg.warmup_ratio * total)), total)
         return opt, sched
 

@@ -78,7 +78,8 @@ class ThresholdGroup:
         self.scope = scope
         self.method = method
         self.modules: List[torch.nn.Module] = []
-        self._key = None
+        self._key = None  # global scope: the inputs of the last selection
+        self._keys: Dict[int, tuple] = {}  # per-matrix scope: each layer's inputs of its threshold
         self._thresholds: Dict[int, torch.Tensor] = {}
         self.recomputations = 0  # how often a selection actually ran (tests and benchmarks read it)
 
@@ -86,28 +87,42 @@ class ThresholdGroup:
         self.modules.append(module)
         self._key = None
 
-    def _current_key(self):
-        return tuple((_version_key(self.criterion.source(m)), self.criterion.keep_of(m)) for m in self.modules)
+    def _module_key(self, module) -> tuple:
+        return (_version_key(self.criterion.source(module)), self.criterion.keep_of(module))
 
     def threshold(self, module) -> torch.Tensor:
-        key = self._current_key()
+        if self.scope == "matrix":
+            # Each threshold depends on its own layer only: check that layer (O(1) per forward);
+            # when it changed, recompute every changed layer in one batch, so after an optimiser
+            # step the first layer's forward selects for all and the others find theirs current.
+            if self._keys.get(id(module)) != self._module_key(module):
+                self._recompute_matrix()
+            return self._thresholds[id(module)]
+        key = tuple(self._module_key(m) for m in self.modules)
         if key != self._key:
-            self._recompute()
+            self._recompute_global()
             self._key = key
         return self._thresholds[id(module)]
 
     @torch.no_grad()
-    def _recompute(self) -> None:
+    def _recompute_matrix(self) -> None:
+        keys = {id(m): self._module_key(m) for m in self.modules}
+        stale = [m for m in self.modules if self._keys.get(id(m)) != keys[id(m)]]
+        values = [self.criterion.selection_values(m) for m in stale]
+        thrs = topk_thresholds(values, [self.criterion.keep_of(m) for m in stale], method=self.method)
+        for i, m in enumerate(stale):
+            self._thresholds[id(m)] = thrs[i]
+            self._keys[id(m)] = keys[id(m)]
+        self.recomputations += 1
+
+    @torch.no_grad()
+    def _recompute_global(self) -> None:
         values = [self.criterion.selection_values(m) for m in self.modules]
         keeps = [self.criterion.keep_of(m) for m in self.modules]
-        if self.scope == "global":
-            if len(set(keeps)) != 1:
-                raise ValueError(f"a global threshold needs one keep fraction for all layers, got {sorted(set(keeps))}")
-            thr = global_topk_threshold(values, keeps[0], method=self.method)
-            self._thresholds = {id(m): thr for m in self.modules}
-        else:
-            thrs = topk_thresholds(values, keeps, method=self.method)
-            self._thresholds = {id(m): thrs[i] for i, m in enumerate(self.modules)}
+        if len(set(keeps)) != 1:
+            raise ValueError(f"a global threshold needs one keep fraction for all layers, got {sorted(set(keeps))}")
+        thr = global_topk_threshold(values, keeps[0], method=self.method)
+        self._thresholds = {id(m): thr for m in self.modules}
         self.recomputations += 1
 
 

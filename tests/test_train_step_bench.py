@@ -1,0 +1,95 @@
+"""The end-to-end training-step benchmark on a tiny BERT: every variant timed with its phases,
+capkit's step computing the same loss as the reference's way, failures reported."""
+import json
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from benchmarks import train_step as bench  # noqa: E402
+
+TINY = ["--device", "cpu", "--layers", "1", "--hidden", "32", "--heads", "2", "--ffn", "64", "--batch", "4",
+        "--seq", "8", "--bank-examples", "64", "--negatives", "32", "--vocab", "100", "--steps", "1",
+        "--warmup", "0"]
+
+
+def test_train_step_results_are_complete(tmp_path):
+    rc = bench.main(TINY + ["--out", str(tmp_path)])
+    data = json.loads((tmp_path / "train_step.json").read_text())
+    assert rc == 0 and data["failures"] == []
+    assert {r["variant"] for r in data["rows"]} == set(bench.VARIANTS)
+    for row in data["rows"]:
+        assert row["step_ms"] > 0 and row["dtype"] == "float32"
+        assert all(row[p] >= 0 for p in bench.PHASES)
+    kd = next(r for r in data["rows"] if r["variant"] == "kd")
+    assert kd["contrastive"] < 1.0 and kd["mask_update"] < 1.0  # plain KD has neither
+    summary = data["summary"]
+    assert summary["speedup_vs_reference"] > 0 and "overhead_vs_kd" in summary
+    # same weights, batch, dropout and negatives: the fused path computes the reference's loss
+    assert summary["loss_rel_diff"] < 1e-5
+    for key in ("device", "torch", "git_commit", "date"):
+        assert key in data["machine"]
+    assert data["shape"]["layers"] == 1 and data["shape"]["batch"] == 4
+    md = (tmp_path / "train_step.md").read_text()
+    assert md.startswith("# train_step on") and "target >= 1.5x" in md
+
+
+def test_train_step_failure_is_reported(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("reference loss exploded")
+
+    monkeypatch.setattr(bench, "info_nce_reference", broken)
+    rc = bench.main(TINY + ["--variants", "capkit", "reference", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "train_step.json").read_text())
+    assert rc == 1
+    assert [r["variant"] for r in data["rows"]] == ["capkit"]
+    assert "reference loss exploded" in data["failures"][0]["error"]
+    assert "speedup_vs_reference" not in data["summary"]
+
+
+def test_train_step_rejects_bad_arguments(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cpu", "--hidden", "30", "--heads", "4"])
+    assert "--hidden (30) must be a multiple of --heads (4)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cpu", "--keep", "0"])
+
+
+def test_accuracy_runs_are_tabulated_and_resume(tmp_path):
+    from _models import tiny_text_task
+
+    from benchmarks import accuracy
+
+    task = tiny_text_task(tmp_path / "task")
+    settings = ["--model", str(task / "model"), "--train-file", str(task / "train.csv"), "--dev-file",
+                str(task / "dev.csv"), "--epochs", "2", "--batch-size", "8", "--max-length", "16",
+                "--teacher-epochs", "1", "--extra-negatives", "16", "--learning-rate", "1e-3", "--save-every", "0",
+                "--initial-warmup", "0.5", "--final-warmup", "0.5", "--sparsity", "0.75", "--device", "cpu"]
+    argv = ["--tasks", "text", "--methods", "cap-m", "magnitude", "--out", str(tmp_path / "res"), "--", *settings]
+    assert accuracy.main(argv) == 0
+    data = json.loads((tmp_path / "res" / "accuracy.json").read_text())
+    assert data["failures"] == [] and [r["method"] for r in data["rows"]] == ["cap-m", "magnitude"]
+    for row in data["rows"]:
+        assert 0 <= row["dense"] <= 1 and 0 <= row["pruned"] <= 1
+        assert row["drop_points"] == pytest.approx(100 * (row["dense"] - row["pruned"]))
+        assert row["sparsity"] == pytest.approx(0.75, abs=0.02)
+        report = json.loads(open(row["report"]).read())
+        assert report["pruned"]["metrics"]["main"] == row["pruned"]  # the table repeats the run's report
+    teacher = tmp_path / "res" / "accuracy_runs" / "text" / "teacher" / "capkit.json"
+    stamp = teacher.stat().st_mtime_ns
+    # a second call reuses the teacher and resumes the finished runs to the same numbers
+    assert accuracy.main(argv) == 0
+    again = json.loads((tmp_path / "res" / "accuracy.json").read_text())
+    assert teacher.stat().st_mtime_ns == stamp
+    assert [r["pruned"] for r in again["rows"]] == [r["pruned"] for r in data["rows"]]
+
+
+def test_accuracy_reports_a_failing_run(tmp_path):
+    from benchmarks import accuracy
+
+    rc = accuracy.main(["--tasks", "text", "--out", str(tmp_path), "--", "--model", str(tmp_path / "none"),
+                        "--train-file", str(tmp_path / "missing.csv"), "--dev-file", str(tmp_path / "missing.csv")])
+    data = json.loads((tmp_path / "accuracy.json").read_text())
+    assert rc == 1 and data["rows"] == [] and data["failures"][0]["method"] == "teacher"
+    with pytest.raises(SystemExit):
+        accuracy.main(["--methods", "finetune"])
