@@ -109,8 +109,9 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    # every capkit sub-package, plus kernels/ installed as capkit.kernels
-    packages=find_packages(include=["capkit", "capkit.*"]) + ["capkit.kernels"],
+    # every capkit sub-package, plus kernels/ installed as capkit.kernels, plus the benchmark
+    # runner (the capkit-bench console script)
+    packages=find_packages(include=["capkit", "capkit.*"]) + ["capkit.kernels", "benchmarks"],
     package_dir={"capkit": "capkit", "capkit.kernels": "kernels"},
     ext_modules=[CMakeExtension("capkit._C")],
     cmdclass={"build_ext": CMakeBuild},

@@ -90,6 +90,8 @@ def test_mask_threshold_benchmark_runs(tmp_path):
 
 
 def test_runner_collects_results_and_reports_failures(tmp_path, monkeypatch):
+    import importlib.util
+
     import benchmarks.__main__ as runner
     from benchmarks import info_nce as bench_nce
 
@@ -105,5 +107,240 @@ def test_runner_collects_results_and_reports_failures(tmp_path, monkeypatch):
     assert "| info_nce | ok |" in report
     assert "failed: RuntimeError: kernel exploded" in report
     assert (tmp_path / "info_nce_quick.json").exists() and "## " in report
+    # the report of a real (tiny) run: targets, plots from its results
+    floor = "| InfoNCE at CAP's shape (32 × 4,200 × 768): within 2× of the keys' read floor | ≤ 2× | — |"
+    assert floor in report  # the tiny shape is not CAP's: not judged
+    assert "not measured: no mask_threshold results here" in report
+    if importlib.util.find_spec("matplotlib"):
+        assert "![InfoNCE against bank size](plots/info_nce_scaling_quick.png)" in report
+        assert _is_png(tmp_path / "plots" / "info_nce_scaling_quick.png")
     with pytest.raises(SystemExit):
         runner.main(["--only", "nope"])
+
+
+# ---------------------------------------------------------------- report: targets, accuracy, plots
+def _machine(gpu=False):
+    return {"device": "nvidia-h100" if gpu else "test-cpu-2c", "device_type": "cuda" if gpu else "cpu",
+            "torch": "2.x", "triton": None, "cuda": "12" if gpu else None, "git_commit": "abc123",
+            "date": "2026-01-01T00:00:00+00:00", "cpu": "test", "torch_threads": 2}
+
+
+def _synthetic(folder, suffix="_quick", gpu=False, block90=4.0, floor=3.0, mem=None):
+    """Small result files in the real format: block-90% forward speed-up ``block90``, InfoNCE at
+    CAP's shape ``floor`` times its read floor, peak InfoNCE memory ``mem`` bytes (GPU)."""
+    import json
+
+    dtype, fast = ("bfloat16", "cuda") if gpu else ("float32", "cpu")
+    ml = []
+    for shape, (n, k) in (("bert-ffn-in", (3072, 768)), ("bert-ffn-out", (768, 3072))):
+        for kind in ("unstructured", "block"):
+            for sp in (0.0, 0.5, 0.9):
+                base = {"shape": shape, "M": 4096, "N": n, "K": k, "kind": kind, "sparsity": sp, "density": 1 - sp,
+                        "block_size": 32 if kind == "block" else None, "dtype": dtype}
+                s = block90 if (kind == "block" and sp == 0.9) else 1.1
+                ml += [dict(base, backend="dense", op="forward", median_s=1e-3, roofline_fraction=0.8),
+                       dict(base, backend=fast, op="forward", median_s=1e-3 / s, roofline_fraction=0.5,
+                            speedup_vs_dense=s, speedup_vs_masked=s),
+                       dict(base, backend=fast, op="forward+backward", median_s=3e-3 / s, speedup_vs_dense=s,
+                            speedup_vs_masked=s)]
+    nce = []
+    for b, m in ((32, 4200), (256, 65536)) + (((4096, 65536),) if gpu else ()):
+        base = {"B": b, "M": m, "d": 768, "key_dtype": dtype, "read_floor_s": 1e-4}
+        for op in ("forward", "forward+backward"):
+            nce += [dict(base, backend="torch", op=op, median_s=1e-3),
+                    dict(base, backend=fast, op=op, median_s=floor * 1e-4, speedup_vs_naive=1e-3 / (floor * 1e-4),
+                         x_read_floor=floor, **({"peak_extra_bytes": mem} if mem is not None else {}))]
+    files = {
+        "masked_linear": {"dtype": dtype, "tokens": 4096, "block_size": 32, "rows": ml},
+        "info_nce": {"key_dtype": dtype, "rows": nce},
+        "mask_threshold": {"rows": [
+            {"matrices": 72, "scope": "per-matrix", "keep": keep, "op": "threshold", "backend": b, "median_s": t,
+             "x_read_floor": 10 * t, **({"speedup_vs_sort": 1.0 / t} if b != "sort (reference)" else {})}
+            for keep in (0.5, 0.1) for b, t in (("sort (reference)", 1.0), ("kthvalue", 1 / 12))]},
+        "structured_inference": {"dtype": "float32", "rows": [
+            {"model": "bert-base", "batch": 1, "seq": 128, "fraction": f, "variant": "compacted" if f else "dense",
+             "median_s": 0.1 / s, "roofline_fraction": 0.6, **({"speedup_vs_dense": s} if f else {})}
+            for f, s in ((0.0, 1.0), (0.5, 2.0), (0.9, 6.0))]},
+        "sparse_inference": {"model": "tiny", "rows": [
+            {"kind": kind, "sparsity": sp, "batch": 1, "seq": 32, "dense_ms": 2.0, "sparse_ms": 2.0 / s, "speedup": s}
+            for kind, sp, s in (("block32", 0.9, 3.0), ("block32", 0.95, 3.5), ("2:4", 0.5, 0.9))]},
+    }
+    for name, data in files.items():
+        data = {"benchmark": name, "machine": _machine(gpu), "peaks": {}, "failures": [], **data}
+        (folder / f"{name}{suffix}.json").write_text(json.dumps(data))
+        (folder / f"{name}{suffix}.md").write_text(f"# {name} summary\n\nrows here\n")
+
+
+def _report_json(folder, run="run1", dense=0.9, pruned=0.85):
+    import json
+
+    (folder / run).mkdir(parents=True)
+    (folder / run / "report.json").write_text(json.dumps({
+        "method": "cap-m", "model": "minilm", "task": "sst2", "device": "cpu",
+        "dense": {"metrics": {"accuracy": dense, "main": dense}},
+        "pruned": {"metrics": {"accuracy": pruned, "main": pruned}, "sparsity": 0.9},
+        "latency": {"format": "sparse", "batch": 8, "seq": 64, "speedup": 2.5, "threads": 2}}))
+
+
+def _is_png(path) -> bool:
+    import struct
+
+    data = path.read_bytes()
+    width, height = struct.unpack(">II", data[16:24])  # the IHDR chunk comes first
+    return data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and width > 100 and height > 100
+
+
+def _target(rows, start):
+    return next(r for r in rows if r["target"].startswith(start))
+
+
+def test_targets_met_not_met_and_not_measured(tmp_path):
+    from benchmarks import targets
+
+    _synthetic(tmp_path, suffix="", block90=4.0, floor=3.0)
+    results, problems = targets.load_results(tmp_path)
+    assert not problems and set(results) == {"masked_linear", "info_nce", "mask_threshold", "structured_inference",
+                                             "sparse_inference"}
+    rows = targets.evaluate(results)
+    cpu = _target(rows, "CPU: C++ masked-linear")
+    assert (cpu["measured"], cpu["verdict"], cpu["margin"]) == ("4.00×", "met", "1.33× the goal")
+    assert cpu["device"] == "test-cpu-2c" and "masked_linear.json" in cpu["source"]
+    floor = _target(rows, "InfoNCE at CAP's shape")
+    assert (floor["measured"], floor["verdict"], floor["margin"]) == ("3.00×", "**not met**", "1.50× the limit")
+    thr = _target(rows, "Mask threshold")
+    assert thr["verdict"] == "met" and thr["measured"] == "12.00×"
+    assert _target(rows, "Structured")["verdict"] == "met"
+    # GPU targets on a CPU: not judged, the nearest CPU figure labelled as such
+    gpu = _target(rows, "Masked linear 768↔3072, 4096 tokens, bf16: 90% block-sparse (32/64) forward vs")
+    assert gpu["verdict"].startswith("not measured on this device") and gpu["measured"] == "—"
+    assert gpu["source"].startswith("nearest measured (not judged): 4.00×")
+    assert _target(rows, "InfoNCE: no O(B·M)")["verdict"].startswith("not measured on this device")
+    assert _target(rows, "CAP-m training step")["verdict"] == "not measured: no train_step results here"
+
+    # the training step: speed-up met, overhead not met by 5 pp; a small model is not BERT-base
+    import json
+
+    step = {"benchmark": "train_step", "machine": _machine(), "failures": [],
+            "shape": {"layers": 12, "hidden": 768, "ffn": 3072, "batch": 32, "seq": 128},
+            "rows": [{"variant": v, "step_ms": t} for v, t in (("capkit", 100.0), ("reference", 200.0), ("kd", 87.0))],
+            "summary": {"speedup_vs_reference": 2.0, "overhead_vs_kd": 0.15}}
+    (tmp_path / "train_step.json").write_text(json.dumps(step))
+    step["shape"] = dict(step["shape"], layers=2, hidden=128)
+    (tmp_path / "train_step_quick.json").write_text(json.dumps(step))
+    rows = targets.evaluate(targets.load_results(tmp_path)[0])
+    sp = _target(rows, "CAP-m training step, BERT-base, batch 32 × 128: vs")
+    ov = _target(rows, "CAP-m training step, BERT-base, batch 32 × 128: overhead")
+    assert (sp["verdict"], sp["measured"]) == ("met", "2.00×")
+    assert (ov["verdict"], ov["measured"], ov["margin"]) == ("**not met**", "15.0%", "+5.0 pp")
+    (tmp_path / "train_step.json").unlink()
+    rows = targets.evaluate(targets.load_results(tmp_path)[0])
+    ov = _target(rows, "CAP-m training step, BERT-base, batch 32 × 128: overhead")
+    assert ov["verdict"] == "not measured at the target's shape / dtype" and ov["measured"] == "—"
+    assert ov["source"].startswith("nearest measured (not judged): 15.0%; train_step_quick.json:")
+    assert "2 layers × 128 hidden, batch 32 × 128 tokens" in ov["source"]
+
+
+def test_targets_on_gpu_results(tmp_path):
+    from benchmarks import targets
+
+    _synthetic(tmp_path, suffix="", gpu=True, block90=1.5, floor=1.8, mem=2**20)
+    rows = targets.evaluate(targets.load_results(tmp_path)[0])
+    fwd = _target(rows, "Masked linear 768↔3072, 4096 tokens, bf16: 90% block-sparse (32/64) forward vs")
+    assert (fwd["verdict"], fwd["measured"], fwd["device"]) == ("**not met**", "1.50×", "nvidia-h100")
+    assert _target(rows, "Masked linear 768↔3072, 4096 tokens, bf16: fused")["verdict"] == "met"
+    mem = _target(rows, "InfoNCE: no O(B·M)")
+    assert mem["verdict"] == "met" and "B 4096, M 65,536" in mem["source"]
+    assert _target(rows, "InfoNCE at CAP's shape")["verdict"] == "met"
+    assert _target(rows, "CPU: C++")["verdict"].startswith("not measured on this device")
+
+
+def test_report_only_rebuilds_report_with_plots_targets_and_accuracy(tmp_path):
+    pytest.importorskip("matplotlib")
+    import re
+
+    import benchmarks.__main__ as runner
+
+    _synthetic(tmp_path, gpu=True, mem=2**20)  # GPU-like: peak memory and two batch sizes at one bank size
+    _report_json(tmp_path)
+    assert runner.main(["--report-only", "--out", str(tmp_path)]) == 0
+    assert not (tmp_path / "report.md").exists()  # no full-run files: only the quick report
+    report = (tmp_path / "report_quick.md").read_text()
+    for section in ("## Targets", "## Accuracy", "## Plots", "## masked_linear summary"):
+        assert section in report
+    assert "| masked_linear | ok |" in report and "| train_step |" not in report
+    links = re.findall(r"!\[[^]]*\]\((plots/[^)]+\.png)\)", report)
+    assert {f"plots/{n}_quick.png" for n in ("masked_linear_speedup", "info_nce_scaling", "roofline",
+                                             "inference_speedup")} == set(links)
+    assert all(_is_png(tmp_path / link) for link in links)
+    assert "| run1 | sst2 | minilm | cap-m | 90.0% | accuracy |" in report
+    assert "| 0.9000 | 0.8500 | 5.0 pp | 2.50× (sparse export, batch 8 × 64) | cpu, 2 threads |" in report
+    # the full report is rebuilt from full-run files only when asked for and present
+    assert runner.main(["--report-only", "--full", "--out", str(tmp_path)]) == 1
+
+
+def test_report_survives_missing_benchmarks_fields_and_matplotlib(tmp_path, monkeypatch):
+    import importlib.util
+    import json
+
+    import benchmarks.__main__ as runner
+    from benchmarks import plots, targets
+
+    _synthetic(tmp_path, suffix="")
+    (tmp_path / "structured_inference.json").unlink()  # a missing benchmark
+    (tmp_path / "sparse_inference.json").unlink()
+    nce = json.loads((tmp_path / "info_nce.json").read_text())
+    for r in nce["rows"]:
+        del r["B"]  # a missing field
+    (tmp_path / "info_nce.json").write_text(json.dumps(nce))
+    (tmp_path / "broken.json").write_text("{not json")
+    assert runner.main(["--report-only", "--full", "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "| structured_inference | no results file |" in report
+    assert "- skipped broken.json: unreadable" in report
+    assert "could not evaluate: KeyError: 'B'" in report
+    assert "not measured: no structured_inference results here" in report
+    if importlib.util.find_spec("matplotlib"):
+        assert "- Structured and sparse inference: speed-up against sparsity: skipped (no " in report
+        assert "- InfoNCE against bank size: skipped (failed: KeyError" in report
+        assert _is_png(tmp_path / "plots" / "masked_linear_speedup.png")
+    # without matplotlib the report still renders and says how to get the plots
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
+    text = plots.plots_markdown(targets.load_results(tmp_path)[0], tmp_path, "")
+    assert text == "Plots need matplotlib: `pip install capkit[bench]` (or `pip install matplotlib`)."
+    assert runner.main(["--report-only", "--full", "--out", str(tmp_path)]) == 0
+    assert "pip install capkit[bench]" in (tmp_path / "report.md").read_text()
+
+
+def test_accuracy_rows_read_pruning_reports(tmp_path):
+    from benchmarks import targets
+
+    _report_json(tmp_path, "a", dense=0.95, pruned=0.9)
+    (tmp_path / "a" / "report.md").write_text("# report\n")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "report.json").write_text("[]")  # not a report: skipped with a line, not raised
+    _report_json(tmp_path, "accuracy_runs/sst2/movement", dense=0.95, pruned=0.8)  # benchmarks.accuracy's runs
+    rows, problems = targets.accuracy_rows(tmp_path)
+    assert [r["run"] for r in rows] == ["[a](a/report.md)", "accuracy_runs/sst2/movement"]
+    assert rows[1]["drop"] == "15.0 pp"
+    assert (rows[0]["metric"], rows[0]["dense"], rows[0]["pruned"], rows[0]["drop"]) == ("accuracy", "0.9500",
+                                                                                        "0.9000", "5.0 pp")
+    assert len(problems) == 1 and problems[0].startswith("b/report.json")
+    assert "No CAP pruning runs here" in targets.accuracy_markdown(tmp_path / "a")
+
+
+def test_default_results_folder_and_console_script(tmp_path):
+    import tomllib
+    from pathlib import Path
+
+    import benchmarks.__main__ as runner
+
+    repo = Path(runner.__file__).resolve().parents[1]
+    assert runner.default_out("dev") == repo / "benchmarks" / "results" / "dev"  # the source checkout
+    installed = tmp_path / "site-packages" / "benchmarks"
+    installed.mkdir(parents=True)
+    assert runner.default_out("dev", installed, cwd=repo / "capkit") == repo / "benchmarks" / "results" / "dev"
+    assert runner.default_out("dev", installed, cwd=tmp_path) == tmp_path / "capkit-bench-results" / "dev"
+    meta = tomllib.loads((repo / "pyproject.toml").read_text())
+    assert meta["project"]["scripts"]["capkit-bench"] == "benchmarks.__main__:main"
+    assert any(d.startswith("matplotlib") for d in meta["project"]["optional-dependencies"]["bench"])
+    assert '"benchmarks"' in (repo / "setup.py").read_text()
