@@ -38,6 +38,8 @@ BENCHMARKS: Dict[str, str] = {
     "mask_threshold": "top-k mask thresholds of all BERT-base matrices against a full sort",
     "structured_inference": "compacted structured models at 50/70/90% against the dense model",
     "sparse_inference": "sparse exports (unstructured, block, 2:4) against the dense model",
+    "train_step": "one CAP-m training step: capkit vs the reference's way vs plain KD, by phase",
+    "accuracy": "dense vs pruned accuracy of capkit-prune runs (teacher once per task)",
 }
 
 

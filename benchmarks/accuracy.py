@@ -8,6 +8,7 @@ the encoder sparsity reached and the speed-up of the exported model (from the ru
 Settings after ``--`` go to ``capkit-prune`` unchanged (model, data folder, sizes, ...):
 
   python -m benchmarks.accuracy --quick          # BBC News, a few hundred articles (minutes on a CPU)
+  python -m benchmarks.accuracy                  # BBC News with capkit-prune's embedded-default settings
   python -m benchmarks.accuracy --tasks sst2 rte --methods cap-m movement -- \\
       --data-dir /path/to/glue --model /path/to/bert-base-uncased --sparsity 0.9
 
@@ -29,6 +30,17 @@ from benchmarks.harness import RESULTS_DIR, device_slug, machine_info, markdown_
 QUICK_SETTINGS = ["--model", "minilm", "--max-train-examples", "300", "--max-eval-examples", "200",
                   "--max-length", "48", "--epochs", "2", "--teacher-epochs", "1", "--block-size", "32",
                   "--extra-negatives", "512", "--initial-warmup", "0.5", "--final-warmup", "0.5"]
+
+
+def embedded_default_flags() -> List[str]:
+    """capkit-prune's embedded default (MiniLM on BBC News) as flags, less task, method and folder."""
+    from capkit.prune import EMBEDDED_DEFAULT
+
+    flags: List[str] = []
+    for key, value in EMBEDDED_DEFAULT.items():
+        if key not in ("task", "method", "output_dir"):
+            flags += [f"--{key.replace('_', '-')}", str(value)]
+    return flags
 
 
 def _point(report: Dict, metric: str) -> Optional[float]:
@@ -108,7 +120,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="BBC News, 300 articles, 2 epochs (the default without --tasks)")
-    p.add_argument("--tasks", nargs="+", default=None, help="tasks (capkit-prune --task); default bbc_news")
+    p.add_argument("--tasks", nargs="+", default=None,
+                   help="tasks (capkit-prune --task); default bbc_news with capkit-prune's embedded-default settings")
     p.add_argument("--methods", nargs="+", default=["cap-m", "movement"], help="methods (default: cap-m movement)")
     p.add_argument("--min-time", type=float, default=None, help="accepted for the runner; unused")
     p.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/<device>/)")
@@ -121,6 +134,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     tasks = args.tasks or ["bbc_news"]
     if args.quick:
         settings = QUICK_SETTINGS + settings  # later flags win
+    elif args.tasks is None:
+        settings = embedded_default_flags() + settings
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = args.out or RESULTS_DIR / device_slug(device)
     root = out / ("accuracy_runs_quick" if args.quick else "accuracy_runs")
