@@ -206,3 +206,28 @@ def test_module_matches_function():
                                                              backend="torch"))
     with pytest.raises(ValueError, match="temperature must be positive"):
         InfoNCE(temperature=0)
+
+
+def test_auto_picks_the_cpu_kernels_and_matches_the_reference(monkeypatch):
+    import importlib
+
+    mod = importlib.import_module("capkit.ops.info_nce")
+    q = torch.randn(6, 24, requires_grad=True)
+    k = torch.randn(50, 24)
+    qid, kid = torch.arange(6), torch.randint(0, 8, (50,))
+    qlab, klab = torch.randint(0, 2, (6,)), torch.randint(0, 2, (50,))
+    kw = dict(query_labels=qlab, key_labels=klab, self_index=torch.tensor([0, -1, 3, -1, 7, 9]),
+              unsup_weight=0.1, sup_weight=10.0)
+    expected = "cpu" if _STREAMING["cpu"].unavailable_reason(CPU) is None else "torch"
+    assert mod._choose(q) == expected
+    assert mod._choose(q.double()) == "torch"  # the kernels compute in float32
+    calls = []
+    real = _STREAMING["cpu"].forward
+    monkeypatch.setattr(_STREAMING["cpu"], "forward", lambda *a: calls.append(1) or real(*a))
+    auto = info_nce(q, k, qid, kid, **kw)
+    (g_auto,) = torch.autograd.grad(auto, q)
+    ref = info_nce(q, k, qid, kid, backend="torch", **kw)
+    (g_ref,) = torch.autograd.grad(ref, q)
+    assert len(calls) == (1 if expected == "cpu" else 0)
+    torch.testing.assert_close(auto, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_auto, g_ref, rtol=1e-4, atol=1e-6)
