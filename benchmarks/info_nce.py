@@ -2,12 +2,13 @@
 (CUDA), against the naive PyTorch path (``mm`` + ``log_softmax`` + masked means, what CAP's
 reference code runs) and, with one positive per query, ``F.cross_entropy`` on materialised logits.
 
-Shapes: CAP's (B = 32 queries, M = 4,200 keys, d = 768; a training step makes three such calls)
-and large banks (B in {256, 4096}, M in {65,536, 1,048,576}) where the device has the memory.
+Shapes: small banks (B x M x d = 4 x 64 x 32, 8 x 800 x 128, 16 x 2,000 x 384: where
+``backend="auto"`` must also be right), CAP's (B = 32 queries, M = 4,200 keys, d = 768; a
+training step makes three such calls) and large banks (B in {256, 4096}, M in {65,536, 1,048,576}) where the device has the memory.
 
 Usage:
   python -m benchmarks.info_nce            # CPU fp32 (or CUDA with bf16 keys when present)
-  python -m benchmarks.info_nce --quick    # CAP's shape and one large bank
+  python -m benchmarks.info_nce --quick    # small banks, CAP's shape and one large bank
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from benchmarks.harness import machine_info, markdown_table, measure_peaks, publ
 from capkit.ops.info_nce import _STREAMING, info_nce
 
 CAP_SHAPE = (32, 4200, 768)
+# small banks: where backend="auto" must also pick the faster path
+SMALL = [(4, 64, 32), (8, 800, 128), (16, 2000, 384)]
 LARGE = [(256, 65536, 768), (4096, 65536, 768), (256, 1048576, 768), (4096, 1048576, 768)]
 
 
@@ -47,7 +50,7 @@ def run(args) -> Dict:
         backends = [b for b in backends if b != "triton"]  # the interpreter is not a timing target
     rows: List[Dict] = []
     failures: List[Dict] = []
-    shapes = args.shapes or [CAP_SHAPE] + [s for s in LARGE if s in args.large]
+    shapes = args.shapes or SMALL + [CAP_SHAPE] + [s for s in LARGE if s in args.large]
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
@@ -141,7 +144,7 @@ def summary_markdown(result: Dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true", help="CAP's shape and B=256, M=65536 only")
+    p.add_argument("--quick", action="store_true", help="small banks, CAP's shape and B=256, M=65536 only")
     p.add_argument("--min-time", type=float, default=0.5)
     p.add_argument("--max-naive-elems", type=float, default=None,
                    help="largest B*M for the naive path (default: 2**28 on GPU, 2**25 on CPU)")
