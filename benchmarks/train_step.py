@@ -160,7 +160,7 @@ class Step:
                 _set_submodule(self.student, name, module.to(device))
                 self.ref_modules.append(module)
         self.tap = RepresentationTap(self.student, "cls")
-        # the optimiser capkit's trainer builds (fused on CUDA), the same for every variant
+        # the optimiser capkit's trainer builds (fused AdamW), the same for every variant
         self.optimizer = torch.optim.AdamW([p for p in self.student.parameters() if p.requires_grad], lr=1e-5,
                                            **adamw_options(device))
         # Banks: on the device in the training precision (capkit), on the CPU in fp32 (reference).

@@ -251,3 +251,56 @@ def test_pruner_state_round_trip_and_errors():
         Pruner(tiny_bert(), "movement", keep=1.5)
     with pytest.raises(ValueError, match="kept fraction"):
         Pruner(tiny_bert(), "movement", schedule=CubicSchedule(1.0, 0.0, 50, 5))
+
+
+@pytest.mark.parametrize("scope", ["matrix", "global"])
+def test_thresholds_follow_a_fused_optimizer(scope):
+    # The fused AdamW writes parameters in place without bumping their version counters: the
+    # thresholds must still follow the scores (a gradient marks them as changed).
+    import copy
+
+    crit = Movement(scope=scope)
+    layers = [_layer(6, 10, crit) for _ in range(3)]
+    for l in layers:
+        with torch.no_grad():
+            l.scores.normal_()
+        l.set_keep(0.25)
+    layers = copy.deepcopy(layers)  # copies drop tensor hooks: they must be watched again
+    crit = layers[0].criterion
+    opt = torch.optim.AdamW([l.scores for l in layers], lr=0.5, fused=True)
+    x = torch.randn(4, 10)
+    for _ in range(4):
+        loss = sum((l(x) * torch.randn(4, 6)).sum() for l in layers)
+        loss.backward()
+        versions = [l.scores._version for l in layers]
+        opt.step()
+        opt.zero_grad()
+        assert [l.scores._version for l in layers] == versions  # the hazard being tested
+        with torch.no_grad():
+            masks = [l.current_mask() for l in layers]
+        if scope == "matrix":
+            for l, m in zip(layers, masks):
+                thr = l.scores.detach().flatten().kthvalue(60 - kept_count(60, 0.25) + 1).values
+                assert torch.equal(m.bool(), l.scores.detach() >= thr)
+        else:
+            flat = torch.cat([l.scores.detach().flatten() for l in layers])
+            thr = flat.kthvalue(flat.numel() - kept_count(flat.numel(), 0.25) + 1).values
+            for l, m in zip(layers, masks):
+                assert torch.equal(m.bool(), l.scores.detach() >= thr)
+
+
+def test_folded_weight_check_follows_a_fused_optimizer():
+    layer = MaskedLinear(8, 5, backend="torch")
+    mask = torch.rand(5, 8) > 0.5
+    layer.set_mask(mask)
+    with torch.no_grad():
+        layer.weight.mul_(mask)  # folded: inference may run the plain dense GEMM
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight * mask, layer.bias))
+    opt = torch.optim.AdamW([layer.weight], lr=0.1, fused=True)
+    layer.weight.sum().backward()  # a gradient on the pruned weights too
+    opt.step()
+    assert bool((layer.weight.detach()[~mask] != 0).any())
+    with torch.no_grad():  # no longer folded: the mask must be applied again
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight * mask, layer.bias))

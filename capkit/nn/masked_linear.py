@@ -7,6 +7,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from capkit.nn._watch import ChangeWatch
 from capkit.ops import BlockMask, NMMask, masked_linear
 from capkit.ops._backends import apply_mask, effective_mask
 
@@ -71,7 +72,7 @@ class MaskedLinear(nn.Module):
         # A pruning criterion (capkit.pruning) that computes the mask from scores or weights on
         # every forward; it takes precedence over ``mask``/``scores`` when set.
         self.criterion = None
-        self._prefolded_key = None
+        self._prefolded_watch = ChangeWatch()
         self._prefolded = False
 
     @classmethod
@@ -148,12 +149,12 @@ class MaskedLinear(nn.Module):
 
     def _weight_already_masked(self, mask) -> bool:
         """Whether ``weight`` is zero wherever ``mask`` is (true for models loaded from an
-        export); checked once per weight/mask version."""
+        export); checked again only when the weight or the mask may have changed."""
         dense = mask.to_dense() if isinstance(mask, NMMask) else mask
-        key = (self.weight.data_ptr(), self.weight._version, dense.data_ptr(), dense._version)
-        if self._prefolded_key != key:
+        mask_state = (dense.data_ptr(), dense._version)
+        if self._prefolded_watch.changed(self.weight, mask_state):
             self._prefolded = not bool(((self.weight.detach() != 0) & (dense == 0)).any())
-            self._prefolded_key = key
+            self._prefolded_watch.seen(self.weight, mask_state)
         return self._prefolded
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from capkit.nn._watch import ChangeWatch
 from capkit.ops import BlockMask, NMMask
 from capkit.pruning.topk import global_topk_threshold, topk_thresholds
 
@@ -58,17 +59,14 @@ def _straight_through(source: torch.Tensor, keep: torch.Tensor, dtype: torch.dty
     return _StraightThrough.apply(source, keep, dtype)
 
 
-def _version_key(t: torch.Tensor) -> Tuple[int, int]:
-    # data_ptr catches a replaced tensor, _version any in-place update (optimiser steps included).
-    return (t.data_ptr(), t._version)
-
-
 class ThresholdGroup:
     """Top-k thresholds of a set of layers, recomputed in one batch when their inputs changed.
 
     ``scope="matrix"``: each layer keeps its own ``keep`` fraction; ``"global"``: one threshold
     over all layers together, so layers end up with different densities (all layers must then
-    share the same ``keep``).
+    share the same ``keep``). A layer's input changed when its keep fraction did or when its
+    scores (weights, for magnitude) were replaced, written in place or received a gradient
+    (:class:`capkit.nn._watch.ChangeWatch`: fused optimisers do not bump version counters).
     """
 
     def __init__(self, criterion: "Criterion", scope: str = "matrix", method: str = "auto"):
@@ -78,41 +76,42 @@ class ThresholdGroup:
         self.scope = scope
         self.method = method
         self.modules: List[torch.nn.Module] = []
-        self._key = None  # global scope: the inputs of the last selection
-        self._keys: Dict[int, tuple] = {}  # per-matrix scope: each layer's inputs of its threshold
-        self._thresholds: Dict[int, torch.Tensor] = {}
+        # keyed by the modules themselves (not id()), so that a deepcopy of the model maps them
+        self._watches: Dict[torch.nn.Module, ChangeWatch] = {}
+        self._thresholds: Dict[torch.nn.Module, torch.Tensor] = {}
         self.recomputations = 0  # how often a selection actually ran (tests and benchmarks read it)
 
     def add(self, module) -> None:
         self.modules.append(module)
-        self._key = None
+        self._watches[module] = ChangeWatch()
+        self._thresholds.pop(module, None)
 
-    def _module_key(self, module) -> tuple:
-        return (_version_key(self.criterion.source(module)), self.criterion.keep_of(module))
+    def _changed(self, module) -> bool:
+        return self._watches[module].changed(self.criterion.source(module), self.criterion.keep_of(module))
+
+    def _seen(self, module) -> None:
+        self._watches[module].seen(self.criterion.source(module), self.criterion.keep_of(module))
 
     def threshold(self, module) -> torch.Tensor:
         if self.scope == "matrix":
             # Each threshold depends on its own layer only: check that layer (O(1) per forward);
             # when it changed, recompute every changed layer in one batch, so after an optimiser
             # step the first layer's forward selects for all and the others find theirs current.
-            if self._keys.get(id(module)) != self._module_key(module):
+            if self._changed(module) or module not in self._thresholds:
                 self._recompute_matrix()
-            return self._thresholds[id(module)]
-        key = tuple(self._module_key(m) for m in self.modules)
-        if key != self._key:
+            return self._thresholds[module]
+        if any(self._changed(m) for m in self.modules) or module not in self._thresholds:
             self._recompute_global()
-            self._key = key
-        return self._thresholds[id(module)]
+        return self._thresholds[module]
 
     @torch.no_grad()
     def _recompute_matrix(self) -> None:
-        keys = {id(m): self._module_key(m) for m in self.modules}
-        stale = [m for m in self.modules if self._keys.get(id(m)) != keys[id(m)]]
+        stale = [m for m in self.modules if self._changed(m) or m not in self._thresholds]
         values = [self.criterion.selection_values(m) for m in stale]
         thrs = topk_thresholds(values, [self.criterion.keep_of(m) for m in stale], method=self.method)
         for i, m in enumerate(stale):
-            self._thresholds[id(m)] = thrs[i]
-            self._keys[id(m)] = keys[id(m)]
+            self._thresholds[m] = thrs[i]
+            self._seen(m)
         self.recomputations += 1
 
     @torch.no_grad()
@@ -122,7 +121,9 @@ class ThresholdGroup:
         if len(set(keeps)) != 1:
             raise ValueError(f"a global threshold needs one keep fraction for all layers, got {sorted(set(keeps))}")
         thr = global_topk_threshold(values, keeps[0], method=self.method)
-        self._thresholds = {id(m): thr for m in self.modules}
+        self._thresholds = {m: thr for m in self.modules}
+        for m in self.modules:
+            self._seen(m)
         self.recomputations += 1
 
 
