@@ -157,8 +157,18 @@ def _nce_floor(data: Dict) -> Optional[Found]:
     best = min(fb, key=lambda r: r["x_read_floor"])
     fo = [r["x_read_floor"] for r in cap if r["op"] == "forward" and r["backend"] == best["backend"]]
     alone = f" (forward alone {min(fo):.2f}×)" if fo else ""
-    return Found(best["x_read_floor"], f"B 32, M 4,200, d 768, forward+backward time / time to read the keys "
-                                       f"once, `{best['backend']}`{alone}; keys {data.get('key_dtype')}")
+    where = (f"B 32, M 4,200, d 768, forward+backward time / time to read the keys once, "
+             f"`{best['backend']}`{alone}; keys {data.get('key_dtype')}")
+    peak = (data.get("peaks") or {}).get("matmul_flops")
+    if peak:
+        # forward+backward computes the scores twice and dq once: 3 x 2BMd flops at the matmul peak
+        compute_s = 6 * 32 * 4200 * 768 / peak
+        read_s = best["median_s"] / best["x_read_floor"]
+        if compute_s > read_s:
+            where += (f". On this device the matmul peak makes computing cost more than reading: compute floor "
+                      f"{1e3 * compute_s:.2f} ms = {compute_s / read_s:.1f}× the read floor, measured "
+                      f"{best['median_s'] / compute_s:.2f}× the compute floor")
+    return Found(best["x_read_floor"], where)
 
 
 def _nce_memory(data: Dict) -> Optional[Found]:
