@@ -267,7 +267,7 @@ def test_report_only_rebuilds_report_with_plots_targets_and_accuracy(tmp_path):
     report = (tmp_path / "report_quick.md").read_text()
     for section in ("## Targets", "## Accuracy", "## Plots", "## masked_linear summary"):
         assert section in report
-    assert "| masked_linear | ok |" in report and "| train_step |" not in report
+    assert "| masked_linear | ok |" in report and "| train_step | no results file |" in report
     links = re.findall(r"!\[[^]]*\]\((plots/[^)]+\.png)\)", report)
     assert {f"plots/{n}_quick.png" for n in ("masked_linear_speedup", "info_nce_scaling", "roofline",
                                              "inference_speedup")} == set(links)
