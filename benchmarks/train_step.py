@@ -365,6 +365,12 @@ def summary_markdown(result: Dict) -> str:
         lines.append(f"- capkit against the reference's way: **{s['speedup_vs_reference']:.2f}x** (target >= 1.5x)")
     if "overhead_vs_kd" in s:
         lines.append(f"- CAP's overhead over plain KD fine-tuning: **{100 * s['overhead_vs_kd']:.1f}%** (target <= 10%)")
+    rows = {r["variant"]: r for r in result["rows"]}
+    if "capkit" in rows and "kd" in rows:  # where CAP's time over plain KD goes, phase by phase
+        extra = {ph: rows["capkit"][ph] - rows["kd"][ph] for ph in PHASES}
+        total = sum(extra.values())
+        parts = ", ".join(f"{ph} {v:+.3g} ms" for ph, v in sorted(extra.items(), key=lambda kv: -kv[1]))
+        lines.append(f"- capkit minus plain KD by phase (sum {total:+.3g} ms): {parts}")
     if "loss_rel_diff" in s:
         lines.append(f"- first-step loss, capkit {s['first_loss']['capkit']:.6g} vs reference "
                      f"{s['first_loss']['reference']:.6g} (relative difference {s['loss_rel_diff']:.1e})")
