@@ -132,7 +132,18 @@ def time_fn(fn: Callable[[], object], device: torch.device, min_run_time: float 
 
 
 def measure_peaks(device: torch.device) -> Dict[str, float]:
-    """Peak matmul rate (large matmul) and copy bandwidth, measured once, for the roofline."""
+    """Peak matmul rate (large matmul) and copy bandwidth for the roofline: measured once per
+    device and process (``python -m benchmarks`` shares them among all its benchmarks)."""
+    key = str(torch.device(device))
+    if key not in _PEAKS:
+        _PEAKS[key] = _measure_peaks(torch.device(device))
+    return dict(_PEAKS[key])
+
+
+_PEAKS: Dict[str, Dict[str, float]] = {}
+
+
+def _measure_peaks(device: torch.device) -> Dict[str, float]:
     if device.type == "cuda":
         n, dtype = 8192, torch.bfloat16
     else:
