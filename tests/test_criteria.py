@@ -304,3 +304,25 @@ def test_folded_weight_check_follows_a_fused_optimizer():
     assert bool((layer.weight.detach()[~mask] != 0).any())
     with torch.no_grad():  # no longer folded: the mask must be applied again
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight * mask, layer.bias))
+
+
+@pytest.mark.parametrize("scope", ["matrix", "global"])
+def test_a_pass_over_the_layers_checks_each_layer_once(scope, monkeypatch):
+    from capkit.nn._watch import ChangeWatch
+
+    crit = Movement(scope=scope)
+    layers = [_layer(4, 4, crit) for _ in range(12)]
+    for l in layers:
+        l.set_keep(0.5)
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        for l in layers:
+            l(x)
+    calls = []
+    real = ChangeWatch.changed
+    monkeypatch.setattr(ChangeWatch, "changed", lambda self, *a: calls.append(1) or real(self, *a))
+    with torch.no_grad():
+        for l in layers:
+            l(x)
+    assert len(calls) == len(layers)  # the full check for the layer asked only, not O(layers^2)
+    assert crit.group.recomputations == 1

@@ -50,5 +50,12 @@ class ChangeWatch:
         self._state = (t.data_ptr(), t._version, extra)
         self._grad_since = False
 
+    def unchanged_since_seen(self, extra: Hashable = None) -> bool:
+        """The cheap half of ``not changed()``: the tensor last seen had no gradient and no
+        version bump since, and ``extra`` is the same (replacement and lost hooks are not checked)."""
+        t, state = self._tensor, self._state
+        return (t is not None and not self._grad_since and state is not None and state[1] == t._version
+                and state[2] == extra)
+
     def __getstate__(self):  # hooks do not travel: a copy starts unknown and watches again
         return {"_tensor": None, "_handle": None, "_state": None, "_grad_since": True}

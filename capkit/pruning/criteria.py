@@ -100,7 +100,10 @@ class ThresholdGroup:
             if self._changed(module) or module not in self._thresholds:
                 self._recompute_matrix()
             return self._thresholds[module]
-        if any(self._changed(m) for m in self.modules) or module not in self._thresholds:
+        # One threshold for all: this layer gets the full check, the others the cheap one (no
+        # gradient, no version bump, same keep), so a forward through L layers costs O(L) checks each.
+        if (module not in self._thresholds or self._changed(module)
+                or not all(w.unchanged_since_seen(self.criterion.keep_of(m)) for m, w in self._watches.items())):
             self._recompute_global()
         return self._thresholds[module]
 
