@@ -91,7 +91,7 @@ def run_task(task: str, methods: List[str], settings: List[str], root: Path) -> 
             "metrics_dense": dense.get("metrics"), "metrics_pruned": pruned.get("metrics"),
             "sparsity": pruned.get("sparsity"), "speedup": latency.get("speedup"),
             "latency_format": latency.get("format"), "run_s": round(seconds, 1),
-            "teacher_s": round(teacher_seconds, 1), "report": str(out / "report.json"),
+            "teacher_s": round(teacher_seconds, 1), "report": str((out / "report.json").relative_to(root.parent)),
         })
     return rows, failures
 

@@ -16,11 +16,14 @@ not depend on them), the same batch and the same sampled negatives:
 - ``kd``: plain knowledge-distillation fine-tuning, the floor CAP adds to: the unpatched dense
   student, the teacher's forward, CE + KD, the optimiser; no masks, no banks.
 
-Each step: zero grads, mask update, teacher forward, student forward (CE + KD), contrastive
-losses (PrC, FiC, SnC), backward, AdamW. The step time is the median over ``--steps`` steps
-timed end to end (one device synchronisation per step). A second pass with a synchronisation
-between phases gives the breakdown (the phases add up to slightly more than the step: the
-synchronisations stop the host from running ahead). bf16 autocast on CUDA, fp32 on the CPU.
+Each step: mask update, teacher forward, student forward (CE + KD), contrastive losses (PrC,
+FiC, SnC), backward, AdamW (the trainer's fused one). The variants run interleaved, one step of
+each per round, so that the machine's drift falls on all alike; the step time is the median
+over ``--steps`` rounds, each step timed end to end (one device synchronisation per step). A
+second set of rounds with a synchronisation between phases gives the breakdown (the phases add
+up to slightly more than the step: the synchronisations stop the host from running ahead). On
+CUDA the first timed step of each variant also records its peak memory above what was
+allocated before it. bf16 autocast on CUDA, fp32 on the CPU.
 
 Before timing, the first step's loss of ``capkit`` and ``reference`` is compared (same weights,
 batch, dropout seed and negatives): the two ways compute the same loss, so the comparison is of
@@ -262,29 +265,48 @@ def first_loss(step: Step, batch, seed: int) -> float:
     return value
 
 
-def time_steps(step: Step, batch, steps: int, warmup: int, breakdown: bool) -> Dict[str, object]:
-    device = step.device
-    totals: List[float] = []
-    per_phase: Dict[str, List[float]] = {p: [] for p in PHASES}
-    for i in range(warmup + steps):
-        state = _state(batch, 1000 + i)
-        _sync(device)
-        t0 = time.perf_counter()
-        for name, phase in zip(PHASES, step.phases()):
-            t = time.perf_counter()
-            phase(state)
-            if breakdown:
+def time_rounds(steps: Dict[str, "Step"], batch, rounds: int, warmup: int, breakdown: bool,
+                failures: List[Dict]) -> Dict[str, Dict[str, object]]:
+    """Rounds of one step of every variant, interleaved so that the machine's drift (other load,
+    clocks) falls on all variants alike. A variant that fails is dropped with its error."""
+    totals: Dict[str, List[float]] = {v: [] for v in steps}
+    per_phase = {v: {p: [] for p in PHASES} for v in steps}
+    peak: Dict[str, float] = {}
+    for i in range(warmup + rounds):
+        for variant, step in list(steps.items()):
+            device = step.device
+            timed = i >= warmup
+            try:
+                state = _state(batch, 1000 + i)
                 _sync(device)
-                if i >= warmup:
-                    per_phase[name].append(time.perf_counter() - t)
-        _sync(device)
-        if i >= warmup:
-            totals.append(time.perf_counter() - t0)
-    totals.sort()
-    out: Dict[str, object] = {"median_s": totals[len(totals) // 2], "min_s": totals[0], "max_s": totals[-1],
-                              "n": len(totals)}
-    if breakdown:
-        out["phases_ms"] = {p: 1e3 * sorted(v)[len(v) // 2] for p, v in per_phase.items()}
+                if device.type == "cuda" and i == warmup:
+                    base = torch.cuda.memory_allocated(device)
+                    torch.cuda.reset_peak_memory_stats(device)
+                t0 = time.perf_counter()
+                for name, phase in zip(PHASES, step.phases()):
+                    t = time.perf_counter()
+                    phase(state)
+                    if breakdown:
+                        _sync(device)
+                        if timed:
+                            per_phase[variant][name].append(time.perf_counter() - t)
+                _sync(device)
+                if timed:
+                    totals[variant].append(time.perf_counter() - t0)
+                if device.type == "cuda" and i == warmup:
+                    peak[variant] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+            except Exception as exc:  # reported, never replaced by a number
+                failures.append({"variant": variant, "error": repr(exc)[:300]})
+                del steps[variant]
+    out: Dict[str, Dict[str, object]] = {}
+    for variant in steps:
+        t = sorted(totals[variant])
+        res: Dict[str, object] = {"median_s": t[len(t) // 2], "min_s": t[0], "max_s": t[-1], "n": len(t)}
+        if breakdown:
+            res["phases_ms"] = {p: 1e3 * sorted(v)[len(v) // 2] for p, v in per_phase[variant].items()}
+        if variant in peak:
+            res["step_peak_extra_mib"] = peak[variant]
+        out[variant] = res
     return out
 
 
@@ -310,24 +332,25 @@ def run(args) -> Dict:
     rows: List[Dict] = []
     failures: List[Dict] = []
     losses: Dict[str, float] = {}
+    steps: Dict[str, Step] = {}
     for variant in args.variants:
         try:
             step = Step(variant, base, teacher, bank_vectors, bank_labels, args, device)
             if variant != "kd":
                 losses[variant] = first_loss(step, batch, seed=7)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            timing = time_steps(step, batch, args.steps, args.warmup, breakdown=False)
-            parts = time_steps(step, batch, max(1, args.steps // 2), 0, breakdown=True)
-            row = {"variant": variant, "step_ms": timing["median_s"] * 1e3, "min_ms": timing["min_s"] * 1e3,
-                   "max_ms": timing["max_s"] * 1e3, "n": timing["n"],
-                   "dtype": "bfloat16 autocast" if step.bf16 else "float32", **parts["phases_ms"]}
-            if device.type == "cuda":
-                row["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-            rows.append(row)
-            del step
+            steps[variant] = step
         except Exception as exc:  # reported, never replaced by a number
             failures.append({"variant": variant, "error": repr(exc)[:300]})
+    timing = time_rounds(steps, batch, args.steps, args.warmup, False, failures)
+    parts = time_rounds(steps, batch, max(1, args.steps // 2), 0, True, failures)
+    for variant, step in steps.items():
+        t = timing[variant]
+        row = {"variant": variant, "step_ms": t["median_s"] * 1e3, "min_ms": t["min_s"] * 1e3,
+               "max_ms": t["max_s"] * 1e3, "n": t["n"], "dtype": "bfloat16 autocast" if step.bf16 else "float32",
+               **parts[variant]["phases_ms"]}
+        if "step_peak_extra_mib" in t:
+            row["step_peak_extra_mib"] = t["step_peak_extra_mib"]
+        rows.append(row)
     by = {r["variant"]: r["step_ms"] for r in rows}
     summary: Dict[str, object] = {}
     if "capkit" in by and "reference" in by:
@@ -353,12 +376,13 @@ def summary_markdown(result: Dict) -> str:
              f"{mi['date']}, {mi['torch_threads']} threads. One CAP-m training step of a BERT with "
              f"{sh['layers']} layers x {sh['hidden']} hidden ({sh['ffn']} FFN), batch {sh['batch']} x {sh['seq']} "
              f"tokens, banks of {sh['bank_examples']} examples (PrC, FiC, SnC x2), {sh['negatives']} extra negatives "
-             f"per bank, {100 * (1 - sh['keep']):.0f}% of every encoder matrix masked; median of {sh['steps']} steps "
-             f"(ms), phases from a second pass with a synchronisation between them. 1-minute load average "
-             f"{result['load_average']['before'][0]:.2f} before, {result['load_average']['after'][0]:.2f} after.", ""]
+             f"per bank, {100 * (1 - sh['keep']):.0f}% of every encoder matrix masked; the variants interleaved, "
+             f"median of {sh['steps']} steps each (ms), phases from further steps with a synchronisation between "
+             f"them. 1-minute load average {result['load_average']['before'][0]:.2f} before, "
+             f"{result['load_average']['after'][0]:.2f} after.", ""]
     cols = ["variant", "dtype", "step_ms", "min_ms", "max_ms", *PHASES]
-    if any("peak_memory_mib" in r for r in result["rows"]):
-        cols.append("peak_memory_mib")
+    if any("step_peak_extra_mib" in r for r in result["rows"]):
+        cols.append("step_peak_extra_mib")
     lines.append(markdown_table(result["rows"], cols))
     lines.append("")
     if "speedup_vs_reference" in s:
@@ -392,7 +416,7 @@ def main(argv=None) -> int:
         p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None,
                        help=f"default {FULL[key]} ({QUICK[key]} with --quick)")
     p.add_argument("--keep", type=float, default=0.1, help="kept fraction of every masked matrix (default 0.1)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 10 on CUDA, 3 on the CPU)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 10 on CUDA, 5 on the CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 on CUDA, 1 on the CPU)")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")
@@ -412,7 +436,7 @@ def main(argv=None) -> int:
     if not 0 < args.keep <= 1:
         p.error(f"--keep must lie in (0, 1], got {args.keep}")
     cuda = torch.device(args.device).type == "cuda"
-    args.steps = args.steps or (10 if cuda else 3)
+    args.steps = args.steps or (10 if cuda else (3 if args.quick else 5))
     args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     if args.steps <= 0 or args.warmup < 0:
         p.error("--steps must be positive and --warmup non-negative")

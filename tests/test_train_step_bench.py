@@ -73,7 +73,7 @@ def test_accuracy_runs_are_tabulated_and_resume(tmp_path):
         assert 0 <= row["dense"] <= 1 and 0 <= row["pruned"] <= 1
         assert row["drop_points"] == pytest.approx(100 * (row["dense"] - row["pruned"]))
         assert row["sparsity"] == pytest.approx(0.75, abs=0.02)
-        report = json.loads(open(row["report"]).read())
+        report = json.loads((tmp_path / "res" / row["report"]).read_text())  # relative to the results folder
         assert report["pruned"]["metrics"]["main"] == row["pruned"]  # the table repeats the run's report
     teacher = tmp_path / "res" / "accuracy_runs" / "text" / "teacher" / "capkit.json"
     stamp = teacher.stat().st_mtime_ns
