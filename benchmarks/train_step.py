@@ -351,12 +351,15 @@ def run(args) -> Dict:
         if "step_peak_extra_mib" in t:
             row["step_peak_extra_mib"] = t["step_peak_extra_mib"]
         rows.append(row)
-    by = {r["variant"]: r["step_ms"] for r in rows}
     summary: Dict[str, object] = {}
-    if "capkit" in by and "reference" in by:
-        summary["speedup_vs_reference"] = by["reference"] / by["capkit"]
-    if "capkit" in by and "kd" in by:
-        summary["overhead_vs_kd"] = by["capkit"] / by["kd"] - 1.0
+    # From the medians (what the targets are judged on) and from the fastest steps (on a shared
+    # machine the least disturbed ones: a second view of the same comparison).
+    for suffix, column in (("", "step_ms"), ("_from_min", "min_ms")):
+        by = {r["variant"]: r[column] for r in rows}
+        if "capkit" in by and "reference" in by:
+            summary["speedup_vs_reference" + suffix] = by["reference"] / by["capkit"]
+        if "capkit" in by and "kd" in by:
+            summary["overhead_vs_kd" + suffix] = by["capkit"] / by["kd"] - 1.0
     if "capkit" in losses and "reference" in losses:
         summary["first_loss"] = losses
         summary["loss_rel_diff"] = abs(losses["capkit"] - losses["reference"]) / max(abs(losses["reference"]), 1e-12)
@@ -386,9 +389,11 @@ def summary_markdown(result: Dict) -> str:
     lines.append(markdown_table(result["rows"], cols))
     lines.append("")
     if "speedup_vs_reference" in s:
-        lines.append(f"- capkit against the reference's way: **{s['speedup_vs_reference']:.2f}x** (target >= 1.5x)")
+        lines.append(f"- capkit against the reference's way: **{s['speedup_vs_reference']:.2f}x** (target >= 1.5x; "
+                     f"{s['speedup_vs_reference_from_min']:.2f}x from the fastest steps)")
     if "overhead_vs_kd" in s:
-        lines.append(f"- CAP's overhead over plain KD fine-tuning: **{100 * s['overhead_vs_kd']:.1f}%** (target <= 10%)")
+        lines.append(f"- CAP's overhead over plain KD fine-tuning: **{100 * s['overhead_vs_kd']:.1f}%** (target <= 10%; "
+                     f"{100 * s['overhead_vs_kd_from_min']:.1f}% from the fastest steps)")
     rows = {r["variant"]: r for r in result["rows"]}
     if "capkit" in rows and "kd" in rows:  # where CAP's time over plain KD goes, phase by phase
         extra = {ph: rows["capkit"][ph] - rows["kd"][ph] for ph in PHASES}
