@@ -238,6 +238,16 @@ def test_targets_met_not_met_and_not_measured(tmp_path):
     assert ov["verdict"] == "not measured at the target's shape / dtype" and ov["measured"] == "—"
     assert ov["source"].startswith("nearest measured (not judged): 15.0%; train_step_quick.json:")
     assert "2 layers × 128 hidden, batch 32 × 128 tokens" in ov["source"]
+    # noise that spans the goal: the medians say met, the fastest steps say not met
+    step["shape"] = dict(step["shape"], layers=12, hidden=768)
+    step["rows"] = [{"variant": v, "step_ms": t, "min_ms": m}
+                    for v, t, m in (("capkit", 100.0, 90.0), ("reference", 200.0, 190.0), ("kd", 95.0, 75.0))]
+    step["summary"] = {"speedup_vs_reference": 2.0, "overhead_vs_kd": 100 / 95 - 1}
+    (tmp_path / "train_step.json").write_text(json.dumps(step))
+    rows = targets.evaluate(targets.load_results(tmp_path)[0])
+    ov = _target(rows, "CAP-m training step, BERT-base, batch 32 × 128: overhead")
+    assert ov["verdict"] == "not resolved (median 5.3%, fastest samples 20.0%)"
+    assert _target(rows, "CAP-m training step, BERT-base, batch 32 × 128: vs")["verdict"] == "met"
 
 
 def test_targets_on_gpu_results(tmp_path):
