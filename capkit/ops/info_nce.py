@@ -268,9 +268,10 @@ def info_nce(query, keys, query_ids, key_ids, *, query_labels=None, key_labels=N
 
 def _choose(query: torch.Tensor) -> str:
     # GPUs: the streaming Triton kernel, the only path that scales to large banks. CPUs: the C++
-    # streaming kernels, which beat the reference at every shape measured on the 2-core machine,
-    # from B 4 x M 64 x d 32 (2.3x forward+backward) to CAP's 32 x 4,200 x 768 (1.8x) and
-    # 256 x 65,536 x 768 (2.4x); the reference for float64 (the kernels compute in float32).
+    # streaming kernels, which beat the reference at every shape measured on the 2-core machine
+    # (benchmarks/results/amd-epyc-2c/info_nce_quick.md, forward+backward): B 4 x M 64 x d 32
+    # 1.48x, CAP's 32 x 4,200 x 768 1.62x, 256 x 65,536 x 768 2.25x; the reference for float64
+    # (the kernels compute in float32).
     if query.device.type == "cuda" and _STREAMING["triton"].unavailable_reason(query.device) is None:
         return "triton"
     if (query.device.type == "cpu" and query.dtype != torch.float64
