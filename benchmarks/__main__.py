@@ -129,7 +129,8 @@ def report_only(out: Path, kinds: List[bool]) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+    prog = "capkit-bench" if Path(sys.argv[0]).name == "capkit-bench" else "python -m benchmarks"
+    p = argparse.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="small shapes (the default)")
