@@ -131,6 +131,31 @@ def time_fn(fn: Callable[[], object], device: torch.device, min_run_time: float 
     return {"median_s": statistics.median(times), "iqr_s": q3 - q1, "min_s": times[0], "n": len(times)}
 
 
+def cpu_peak_extra_bytes(fn: Callable[[], object]) -> Optional[int]:
+    """Peak resident memory one call of ``fn`` adds on top of what the process holds before it:
+    Linux's high-water mark (``VmHWM``) reset through ``/proc/self/clear_refs`` just before the
+    call. None where that is not available. Call ``fn`` once before (warm-up), so lazily
+    created state is not counted."""
+    def status() -> Dict[str, int]:
+        out = {}
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(("VmHWM:", "VmRSS:")):
+                key, value = line.split(":", 1)
+                out[key] = int(value.split()[0]) * 1024
+        return out
+
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # the high-water mark := current RSS
+        before = status()["VmRSS"]
+    except (OSError, KeyError, ValueError):
+        return None
+    fn()
+    try:
+        return max(0, status()["VmHWM"] - before)
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 def measure_peaks(device: torch.device) -> Dict[str, float]:
     """Peak matmul rate (large matmul) and copy bandwidth for the roofline: measured once per
     device and process (``python -m benchmarks`` shares them among all its benchmarks)."""

@@ -1,6 +1,7 @@
 """Benchmark of ``capkit.ops.info_nce``: forward and backward timed separately, and peak memory
-(CUDA), against the naive PyTorch path (``mm`` + ``log_softmax`` + masked means, what CAP's
-reference code runs) and, with one positive per query, ``F.cross_entropy`` on materialised logits.
+(CUDA: the caching allocator's peak; CPU: the resident high-water mark of one warm call),
+against the naive PyTorch path (``mm`` + ``log_softmax`` + masked means, what CAP's reference
+code runs) and, with one positive per query, ``F.cross_entropy`` on materialised logits.
 
 Shapes: small banks (B x M x d = 4 x 64 x 32, 8 x 800 x 128, 16 x 2,000 x 384: where
 ``backend="auto"`` must also be right), CAP's (B = 32 queries, M = 4,200 keys, d = 768; a
@@ -20,7 +21,7 @@ from typing import Dict, List
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import machine_info, markdown_table, measure_peaks, publish, time_fn
+from benchmarks.harness import cpu_peak_extra_bytes, machine_info, markdown_table, measure_peaks, publish, time_fn
 from capkit.ops.info_nce import _STREAMING, info_nce
 
 CAP_SHAPE = (32, 4200, 768)
@@ -83,6 +84,10 @@ def run(args) -> Dict:
             row = {**base, "backend": backend, "op": op, **t, "read_floor_s": read_floor}
             if device.type == "cuda":
                 row["peak_extra_bytes"] = torch.cuda.max_memory_allocated(device) - base_mem
+            else:  # the process's resident high-water mark over one more (warm) call
+                extra = cpu_peak_extra_bytes(fn)
+                if extra is not None:
+                    row["peak_extra_bytes"] = extra
             rows.append(row)
             return t["median_s"]
 

@@ -181,7 +181,8 @@ def _nce_memory(data: Dict) -> Optional[Found]:
     frac = worst["peak_extra_bytes"] / (4 * top)
     return Found(frac, f"peak extra memory {worst['peak_extra_bytes'] / 2**20:.1f} MiB at B {worst['B']}, "
                        f"M {worst['M']:,} ({worst['op']}, `{worst['backend']}`) as a fraction of one fp32 B×M "
-                       f"logits matrix")
+                       f"logits matrix" + ("" if data["machine"].get("device_type") == "cuda" else
+                                           "; CPU: the resident high-water mark of one warm call"))
 
 
 # ---------------------------------------------------------------- training step
@@ -245,7 +246,7 @@ TARGETS: List[Target] = [
     Target("Mask threshold (top-k per matrix), all 72 BERT-base matrices, vs a full sort", 10.0, True, "x",
            "mask_threshold", ANY, _threshold),
     Target("InfoNCE: no O(B·M) memory (peak extra memory < 10% of one B×M logits matrix)", 0.10, False, "%",
-           "info_nce", GPU, _nce_memory, "peak memory is recorded on CUDA only"),
+           "info_nce", ANY, _nce_memory),
     Target("InfoNCE at M ≥ 64k keys vs the naive PyTorch path (forward+backward)", 1.5, True, "x", "info_nce",
            ANY, _nce_large),
     Target("InfoNCE at CAP's shape (32 × 4,200 × 768): within 2× of the keys' read floor", 2.0, False, "x",

@@ -58,6 +58,10 @@ def test_info_nce_benchmark_runs(tmp_path):
     ops = {(r["backend"], r["op"]) for r in data["rows"]}
     assert {("torch", "forward"), ("torch", "forward+backward"), ("cross_entropy", "forward+backward")} <= ops
     assert all(r["median_s"] > 0 and r["read_floor_s"] > 0 for r in data["rows"])
+    from benchmarks.harness import cpu_peak_extra_bytes
+
+    if cpu_peak_extra_bytes(lambda: None) is not None:  # Linux: peak memory on the CPU too
+        assert all(r["peak_extra_bytes"] >= 0 for r in data["rows"])
     assert rc == (1 if any(not f["error"].startswith("skipped") for f in data["failures"]) else 0)
     with pytest.raises(SystemExit):
         bench_nce.main(["--shapes", "4x64"])
@@ -214,7 +218,7 @@ def test_targets_met_not_met_and_not_measured(tmp_path):
     gpu = _target(rows, "Masked linear 768↔3072, 4096 tokens, bf16: 90% block-sparse (32/64) forward vs")
     assert gpu["verdict"].startswith("not measured on this device") and gpu["measured"] == "—"
     assert gpu["source"].startswith("nearest measured (not judged): 4.00×")
-    assert _target(rows, "InfoNCE: no O(B·M)")["verdict"].startswith("not measured on this device")
+    assert _target(rows, "InfoNCE: no O(B·M)")["verdict"].startswith("not measured: no matching rows")
     assert _target(rows, "CAP-m training step")["verdict"] == "not measured: no train_step results here"
 
     # the training step: speed-up met, overhead not met by 5 pp; a small model is not BERT-base
@@ -354,3 +358,15 @@ def test_default_results_folder_and_console_script(tmp_path):
     assert meta["project"]["scripts"]["capkit-bench"] == "benchmarks.__main__:main"
     assert any(d.startswith("matplotlib") for d in meta["project"]["optional-dependencies"]["bench"])
     assert '"benchmarks"' in (repo / "setup.py").read_text()
+
+
+def test_cpu_peak_memory_counts_what_a_call_allocates():
+    import torch
+
+    from benchmarks.harness import cpu_peak_extra_bytes
+
+    extra = cpu_peak_extra_bytes(lambda: torch.ones(8 * 2**20).sum())  # 32 MiB, freed at once
+    if extra is None:
+        pytest.skip("no /proc/self/clear_refs here")
+    assert 28 * 2**20 <= extra <= 64 * 2**20
+    assert cpu_peak_extra_bytes(lambda: None) < 4 * 2**20
