@@ -1,27 +1,43 @@
-"""Accuracy runs: prune a model on tasks with several methods and tabulate what each keeps.
+"""Accuracy runs: prune a model on tasks with several methods and seeds, and tabulate what each keeps.
 
-For every task, a dense teacher is fine-tuned once (the "dense" row and the KD / FiC teacher of
-every method); then every method prunes the pre-trained model with that teacher, exactly as
-``capkit-prune`` does. Each row: the task's main metric dense and pruned, the drop in points,
-the encoder sparsity reached and the speed-up of the exported model (from the run's report).
+For every task and seed, a dense teacher is fine-tuned once (the "dense" row and the KD / FiC
+teacher of every method); then every method prunes the pre-trained model with that teacher,
+exactly as ``capkit-prune`` does. The seed picks the training subset (``--max-train-examples``),
+the data order, dropout and negatives, so each seed is a whole repeat of the experiment.
+
+A method is a ``capkit-prune --method`` name, optionally with its target: ``cap-m@0.9`` prunes
+90% of the encoder weights, ``cap-f@0.5`` removes 50% of the heads and FFN neurons. Every method
+gets the same training budget: the ``--epochs`` setting. ``cap-f`` spreads it over its pruning
+iterations (the default schedule 10%, 20%, ... up to its target, each iteration retraining for
+epochs / iterations), unless ``--structured-epochs`` is set explicitly.
+
+Per run: the task's main metric dense and pruned, the encoder sparsity reached and the speed-up
+of the exported model (from the run's report). Per task and method over the seeds: mean ± sample
+standard deviation, the fraction of the teacher's metric kept, and cap-m's margin over movement
+at the same target against the seeds' spread.
 
 Settings after ``--`` go to ``capkit-prune`` unchanged (model, data folder, sizes, ...):
 
   python -m benchmarks.accuracy --quick          # BBC News, a few hundred articles (minutes on a CPU)
   python -m benchmarks.accuracy                  # BBC News with capkit-prune's embedded-default settings
-  python -m benchmarks.accuracy --tasks sst2 rte --methods cap-m movement -- \\
-      --data-dir /path/to/glue --model /path/to/bert-base-uncased --sparsity 0.9
+  python -m benchmarks.accuracy --tasks sst2 --seeds 1 2 3 \\
+      --methods movement@0.9 cap-m@0.9 cap-f@0.5 cap-f@0.9 -- \\
+      --data-dir glue/SST-2 --model minilm --max-train-examples 2000 --epochs 5
 
-Runs take long: each run's folder (``<out>/accuracy_runs/<task>/<method>``) keeps its
-checkpoints, so starting the same command again resumes where it stopped.
+Runs take long: each run's folder (``<out>/accuracy_runs/<task>/seed-<seed>/<method>``) keeps its
+checkpoints, so starting the same command again resumes where it stopped; a finished run is read
+back from its report, not run again.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -32,6 +48,7 @@ QUICK_SETTINGS = ["--model", "minilm", "--max-train-examples", "300", "--max-eva
                   "--sparsity", "0.7",
                   "--learning-rate", "1e-4", "--score-learning-rate", "0.1", "--extra-negatives", "512",
                   "--initial-warmup", "0.5", "--final-warmup", "0.5"]
+RUN_ARGS = "bench_args.json"  # the capkit-prune arguments a run folder was made with
 
 
 def embedded_default_flags() -> List[str]:
@@ -45,71 +62,209 @@ def embedded_default_flags() -> List[str]:
     return flags
 
 
+def parse_method(spec: str) -> Tuple[str, Optional[float]]:
+    """``"cap-f@0.5"`` -> ``("cap-f", 0.5)``; ``"movement"`` -> ``("movement", None)``."""
+    from capkit.cap.config import METHODS
+
+    name, _, target = spec.partition("@")
+    if name not in METHODS or name == "finetune":
+        raise ValueError(f"--methods: unknown method {name!r} in {spec!r}; choose from "
+                         f"{[m for m in METHODS if m != 'finetune']}, optionally with @<target>, e.g. cap-f@0.5")
+    if not target:
+        return name, None
+    try:
+        value = float(target)
+    except ValueError:
+        value = math.nan
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"--methods: the target of {spec!r} must be a fraction in (0, 1), e.g. {name}@0.9")
+    return name, value
+
+
+def _flag(settings: List[str], name: str) -> Optional[str]:
+    """The last value given to ``name`` in a capkit-prune argument list (later flags win)."""
+    value = None
+    for i, arg in enumerate(settings):
+        if arg == name and i + 1 < len(settings):
+            value = settings[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def method_flags(spec: str, settings: List[str]) -> List[str]:
+    """capkit-prune flags of one method spec, with the same training budget as every other method."""
+    from capkit.cap.config import METHODS, CAPConfig
+
+    name, target = parse_method(spec)
+    flags = ["--method", name]
+    if METHODS[name][0] != "structured":
+        return flags + (["--sparsity", str(target)] if target is not None else [])
+    fractions = list(CAPConfig().structured_fractions)
+    if target is not None:
+        fractions = [f for f in fractions if f < target - 1e-9] + [target]
+        flags += ["--structured-fractions", *map(str, fractions)]
+    elif "--structured-fractions" in settings:  # nargs: the values after the last such flag
+        i = len(settings) - 1 - settings[::-1].index("--structured-fractions")
+        values = []
+        for v in settings[i + 1:]:
+            if v.startswith("--"):
+                break
+            values.append(float(v))
+        fractions = values or fractions
+    epochs = _flag(settings, "--epochs")
+    if epochs is not None and _flag(settings, "--structured-epochs") is None:
+        flags += ["--structured-epochs", f"{float(epochs) / len(fractions):.6g}"]
+    return flags
+
+
 def _point(report: Dict, metric: str) -> Optional[float]:
     value = report.get("metrics", {}).get(metric)
     return None if value is None else float(value)
 
 
-def run_task(task: str, methods: List[str], settings: List[str], root: Path) -> (List[Dict], List[Dict]):
-    """The teacher and every method on one task; returns (rows, failures)."""
+def _row(task: str, seed: int, spec: str, report: Dict, seconds: Optional[float], teacher_seconds: Optional[float],
+         out: Path, base: Path) -> Dict:
+    dense, pruned = report["dense"], report["pruned"]
+    d, p = _point(dense, "main"), _point(pruned, "main")
+    latency = report.get("latency") or {}
+    return {
+        "task": task, "seed": seed, "method": spec, "model": report.get("model"),
+        "train_examples": report.get("train_examples"), "dev_examples": report.get("dev_examples"),
+        "dense": d, "pruned": p, "drop_points": None if d is None or p is None else 100 * (d - p),
+        "kept": None if not d or p is None else p / d,
+        "metrics_dense": dense.get("metrics"), "metrics_pruned": pruned.get("metrics"),
+        "sparsity": pruned.get("sparsity"), "speedup": latency.get("speedup"),
+        "latency_format": latency.get("format"), "run_s": None if seconds is None else round(seconds, 1),
+        "teacher_s": None if teacher_seconds is None else round(teacher_seconds, 1),
+        "report": (out / "report.json").relative_to(base).as_posix(),
+    }
+
+
+def run_task(task: str, seed: int, methods: List[str], settings: List[str], root: Path,
+             base: Optional[Path] = None) -> Tuple[List[Dict], List[Dict]]:
+    """The teacher and every method on one task and seed; returns (rows, failures)."""
     from capkit.cap.trainer import finetune_teacher, run
     from capkit.prune import config_from_args
 
+    base = base or root.parent
     rows: List[Dict] = []
     failures: List[Dict] = []
-    base = [*settings, "--task", task, "--no-progress", "--no-tensorboard"]
-    teacher = root / task / "teacher"
+    common = [*settings, "--task", task, "--seed", str(seed), "--no-progress", "--no-tensorboard"]
+    folder = root / task / f"seed-{seed}"
+    teacher = folder / "teacher"
+    teacher_seconds = None
     try:
-        t0 = time.perf_counter()
         if not (teacher / "capkit.json").exists():
-            print(f"[accuracy] {task}: fine-tuning the dense teacher", flush=True)
-            finetune_teacher(config_from_args(["finetune", *base, "--output-dir", str(root / task)]), teacher)
-        teacher_seconds = time.perf_counter() - t0
-    except Exception as exc:  # no teacher: no run of this task can be compared
-        return rows, [{"task": task, "method": "teacher", "error": repr(exc)[:300]}]
-    for method in methods:
-        print(f"[accuracy] {task}: {method}", flush=True)
-        out = root / task / method
-        argv = [*base, "--method", method, "--teacher", str(teacher), "--output-dir", str(out)]
-        if (out / "config.json").exists():
-            argv.append("--resume")
-        try:
+            print(f"[accuracy] {task}, seed {seed}: fine-tuning the dense teacher", flush=True)
             t0 = time.perf_counter()
-            report = run(config_from_args(argv))
+            finetune_teacher(config_from_args(["finetune", *common, "--output-dir", str(folder)]), teacher)
+            teacher_seconds = time.perf_counter() - t0
+    except Exception as exc:  # no teacher: no run of this task and seed can be compared
+        return rows, [{"task": task, "seed": seed, "method": "teacher", "error": repr(exc)[:300]}]
+    for spec in methods:
+        out = folder / spec
+        made_with = [*common, *method_flags(spec, settings)]  # the settings, less the folders
+        argv = [*made_with, "--teacher", str(teacher), "--output-dir", str(out)]
+        try:
+            recorded = json.loads((out / RUN_ARGS).read_text()) if (out / RUN_ARGS).exists() else None
+            if recorded is not None and recorded != made_with:
+                raise ValueError(f"{out} holds a run made with other settings ({' '.join(recorded)}); "
+                                 f"remove it or pick another --out")
+            if recorded is not None and (out / "report.json").exists():
+                print(f"[accuracy] {task}, seed {seed}: {spec} finished before, reading its report", flush=True)
+                rows.append(_row(task, seed, spec, json.loads((out / "report.json").read_text()), None,
+                                 teacher_seconds, out, base))
+                continue
+            print(f"[accuracy] {task}, seed {seed}: {spec}", flush=True)
+            cfg = config_from_args(argv + (["--resume"] if (out / "config.json").exists() else []))
+            out.mkdir(parents=True, exist_ok=True)
+            (out / RUN_ARGS).write_text(json.dumps(made_with))
+            t0 = time.perf_counter()
+            report = run(cfg)
             seconds = time.perf_counter() - t0
         except Exception as exc:  # reported, never replaced by a number
-            failures.append({"task": task, "method": method, "error": repr(exc)[:300]})
+            failures.append({"task": task, "seed": seed, "method": spec, "error": repr(exc)[:300]})
             continue
-        dense, pruned = report["dense"], report["pruned"]
-        metric = "main"
-        d, p = _point(dense, metric), _point(pruned, metric)
-        latency = report.get("latency") or {}
-        rows.append({
-            "task": task, "method": method, "model": report.get("model"),
-            "train_examples": report.get("train_examples"), "dev_examples": report.get("dev_examples"),
-            "dense": d, "pruned": p, "drop_points": None if d is None or p is None else 100 * (d - p),
-            "metrics_dense": dense.get("metrics"), "metrics_pruned": pruned.get("metrics"),
-            "sparsity": pruned.get("sparsity"), "speedup": latency.get("speedup"),
-            "latency_format": latency.get("format"), "run_s": round(seconds, 1),
-            "teacher_s": round(teacher_seconds, 1), "report": str((out / "report.json").relative_to(root.parent)),
-        })
+        rows.append(_row(task, seed, spec, report, seconds, teacher_seconds, out, base))
     return rows, failures
+
+
+def _stats(values: List[Optional[float]]) -> Tuple[Optional[float], Optional[float]]:
+    """Mean and sample standard deviation (None with fewer than two values) of the present values."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None, None
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None)
+
+
+def aggregate(rows: List[Dict]) -> Tuple[List[Dict], List[Dict]]:
+    """Per (task, method) over the seeds, and cap-m's margin over movement at the same target."""
+    groups: Dict[Tuple[str, str], List[Dict]] = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["method"]), []).append(r)
+    out = []
+    for (task, spec), rs in groups.items():
+        g = {"task": task, "method": spec, "seeds": sorted(r["seed"] for r in rs), "n": len(rs),
+             "model": rs[0].get("model"), "train_examples": rs[0].get("train_examples"),
+             "dev_examples": rs[0].get("dev_examples")}
+        for key in ("dense", "pruned", "kept", "sparsity", "speedup"):
+            g[key + "_mean"], g[key + "_std"] = _stats([r.get(key) for r in rs])
+        out.append(g)
+    comparisons = []
+    by_key = {(g["task"], g["method"]): g for g in out}
+    for (task, spec), g in by_key.items():
+        name, _, target = spec.partition("@")
+        other = by_key.get((task, "movement" + (f"@{target}" if target else "")))
+        if name != "cap-m" or other is None or g["pruned_mean"] is None or other["pruned_mean"] is None:
+            continue
+        spreads = [s for s in (g["pruned_std"], other["pruned_std"]) if s is not None]
+        margin = g["pruned_mean"] - other["pruned_mean"]
+        spread = max(spreads) if len(spreads) == 2 else None
+        comparisons.append({"task": task, "method": spec, "baseline": other["method"], "n": min(g["n"], other["n"]),
+                            "margin": margin, "spread": spread,
+                            "margin_over_spread": None if not spread else margin / spread})
+    return out, comparisons
+
+
+def _pm(mean: Optional[float], std: Optional[float], scale: float = 100.0, digits: int = 2) -> str:
+    if mean is None:
+        return "-"
+    return f"{scale * mean:.{digits}f}" + ("" if std is None else f" ± {scale * std:.{digits}f}")
 
 
 def summary_markdown(result: Dict) -> str:
     mi = result["machine"]
     lines = [f"# accuracy on {mi['device']}", "",
              f"torch {mi['torch']}, CUDA {mi.get('cuda')}, commit {mi.get('git_commit')}, {mi['date']}. "
-             f"Main dev metric of each task (accuracy, or the task's GLUE metric) of the dense teacher and of "
-             f"the pruned model; drop in points; speed-up of the exported model from its run's report. "
+             f"Main dev metric of each task (accuracy, or the task's GLUE metric), in %, of the dense teacher and "
+             f"of the pruned model; mean ± sample standard deviation over the seeds {result.get('seeds')}; "
+             f"'kept' is the pruned model's metric as a fraction of its own seed's teacher. Every method trains "
+             f"for the same number of epochs (cap-f spreads them over its pruning iterations). "
              f"capkit-prune settings: `{' '.join(result['settings']) or '(defaults)'}`.", ""]
+    groups = [{"task": g["task"], "method": g["method"], "seeds": g["n"], "train_examples": g["train_examples"],
+               "dev_examples": g["dev_examples"], "dense": _pm(g["dense_mean"], g["dense_std"]),
+               "pruned": _pm(g["pruned_mean"], g["pruned_std"]), "kept": _pm(g["kept_mean"], g["kept_std"], digits=1),
+               "sparsity": _pm(g["sparsity_mean"], None, digits=1),
+               "speed-up": "-" if g["speedup_mean"] is None else f"{g['speedup_mean']:.2f}×"}
+              for g in result.get("groups", [])]
+    if groups:
+        lines.append(markdown_table(groups, ["task", "method", "seeds", "train_examples", "dev_examples", "dense",
+                                             "pruned", "kept", "sparsity", "speed-up"]))
+    for c in result.get("comparisons", []):
+        verdict = ("seeds' spread not known (fewer than two seeds)" if c["spread"] is None else
+                   f"{'larger' if c['margin'] > c['spread'] else 'not larger'} than the seeds' spread "
+                   f"(larger standard deviation {100 * c['spread']:.2f} points)")
+        lines += ["", f"- {c['task']}: {c['method']} − {c['baseline']} = {100 * c['margin']:+.2f} points over "
+                      f"{c['n']} seed(s), {verdict}."]
     rows = [{**r, "dense": None if r["dense"] is None else 100 * r["dense"],
              "pruned": None if r["pruned"] is None else 100 * r["pruned"],
              "sparsity": None if r["sparsity"] is None else 100 * r["sparsity"]} for r in result["rows"]]
-    lines.append(markdown_table(rows, ["task", "method", "train_examples", "dense", "pruned", "drop_points",
-                                       "sparsity", "speedup", "run_s"]))
+    lines += ["", "Each run:", "",
+              markdown_table(rows, ["task", "seed", "method", "train_examples", "dense", "pruned", "drop_points",
+                                    "sparsity", "speedup", "run_s", "report"])]
     if result["failures"]:
-        lines += ["", "Not measured:", "", markdown_table(result["failures"], ["task", "method", "error"])]
+        lines += ["", "Not measured:", "", markdown_table(result["failures"], ["task", "seed", "method", "error"])]
     return "\n".join(lines) + "\n"
 
 
@@ -124,20 +279,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="BBC News, 300 articles, teacher 3 epochs, pruning to 70%% in 3 epochs")
     p.add_argument("--tasks", nargs="+", default=None,
                    help="tasks (capkit-prune --task); default bbc_news with capkit-prune's embedded-default settings")
-    p.add_argument("--methods", nargs="+", default=["cap-m", "movement"], help="methods (default: cap-m movement)")
+    p.add_argument("--methods", nargs="+", default=["cap-m", "movement"],
+                   help="methods, each optionally with its target: cap-m@0.9, cap-f@0.5 (default: cap-m movement)")
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help="seeds, each a whole repeat with its own training subset and teacher "
+                        "(default: capkit-prune's --seed among the settings, else 42)")
     p.add_argument("--min-time", type=float, default=None, help="accepted for the runner; unused")
     p.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/<device>/)")
     args = p.parse_args(argv)
-    from capkit.cap.config import METHODS
-
-    unknown = [m for m in args.methods if m not in METHODS or m == "finetune"]
-    if unknown:
-        p.error(f"--methods: unknown {unknown}; choose from {[m for m in METHODS if m != 'finetune']}")
+    try:
+        for spec in args.methods:
+            parse_method(spec)
+    except ValueError as exc:
+        p.error(str(exc))
     tasks = args.tasks or ["bbc_news"]
     if args.quick:
         settings = QUICK_SETTINGS + settings  # later flags win
     elif args.tasks is None:
         settings = embedded_default_flags() + settings
+    seeds = args.seeds or [int(_flag(settings, "--seed") or 42)]
+    if len(set(seeds)) != len(seeds):
+        p.error(f"--seeds: each seed once, got {seeds}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = args.out or RESULTS_DIR / device_slug(device)
     root = out / ("accuracy_runs_quick" if args.quick else "accuracy_runs")
@@ -145,11 +307,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows: List[Dict] = []
     failures: List[Dict] = []
     for task in tasks:
-        r, f = run_task(task, args.methods, settings, root)
-        rows += r
-        failures += f
+        for seed in seeds:
+            r, f = run_task(task, seed, args.methods, settings, root, out)
+            rows += r
+            failures += f
+    groups, comparisons = aggregate(rows)
     result = {"benchmark": "accuracy", "machine": info, "quick": args.quick, "tasks": tasks,
-              "methods": args.methods, "settings": settings, "rows": rows, "failures": failures}
+              "methods": args.methods, "seeds": seeds, "settings": settings, "rows": rows, "groups": groups,
+              "comparisons": comparisons, "failures": failures}
     publish("accuracy", device, result, summary_markdown(result), args.quick, out)
     return 1 if failures else 0
 

@@ -65,23 +65,32 @@ def test_accuracy_runs_are_tabulated_and_resume(tmp_path):
                 str(task / "dev.csv"), "--epochs", "2", "--batch-size", "8", "--max-length", "16",
                 "--teacher-epochs", "1", "--extra-negatives", "16", "--learning-rate", "1e-3", "--save-every", "0",
                 "--initial-warmup", "0.5", "--final-warmup", "0.5", "--sparsity", "0.75", "--device", "cpu"]
-    argv = ["--tasks", "text", "--methods", "cap-m", "magnitude", "--out", str(tmp_path / "res"), "--", *settings]
+    argv = ["--tasks", "text", "--methods", "cap-m", "magnitude@0.5", "--out", str(tmp_path / "res"), "--", *settings]
     assert accuracy.main(argv) == 0
     data = json.loads((tmp_path / "res" / "accuracy.json").read_text())
-    assert data["failures"] == [] and [r["method"] for r in data["rows"]] == ["cap-m", "magnitude"]
+    assert data["failures"] == [] and [r["method"] for r in data["rows"]] == ["cap-m", "magnitude@0.5"]
+    assert [r["seed"] for r in data["rows"]] == [42, 42] and data["seeds"] == [42]
     for row in data["rows"]:
         assert 0 <= row["dense"] <= 1 and 0 <= row["pruned"] <= 1
         assert row["drop_points"] == pytest.approx(100 * (row["dense"] - row["pruned"]))
-        assert row["sparsity"] == pytest.approx(0.75, abs=0.02)
+        target = 0.5 if row["method"] == "magnitude@0.5" else 0.75  # the method's own target wins
+        assert row["sparsity"] == pytest.approx(target, abs=0.02)
+        assert row["kept"] == pytest.approx(row["pruned"] / row["dense"])
         report = json.loads((tmp_path / "res" / row["report"]).read_text())  # relative to the results folder
         assert report["pruned"]["metrics"]["main"] == row["pruned"]  # the table repeats the run's report
-    teacher = tmp_path / "res" / "accuracy_runs" / "text" / "teacher" / "capkit.json"
+    assert [g["n"] for g in data["groups"]] == [1, 1] and data["comparisons"] == []
+    teacher = tmp_path / "res" / "accuracy_runs" / "text" / "seed-42" / "teacher" / "capkit.json"
     stamp = teacher.stat().st_mtime_ns
     # a second call reuses the teacher and resumes the finished runs to the same numbers
     assert accuracy.main(argv) == 0
     again = json.loads((tmp_path / "res" / "accuracy.json").read_text())
     assert teacher.stat().st_mtime_ns == stamp
     assert [r["pruned"] for r in again["rows"]] == [r["pruned"] for r in data["rows"]]
+    assert all(r["run_s"] is None for r in again["rows"])  # read back from the finished runs' reports
+    # the same folder with other settings is refused, not mixed into the table
+    assert accuracy.main(argv + ["--sparsity", "0.6"]) == 1
+    clash = json.loads((tmp_path / "res" / "accuracy.json").read_text())["failures"]
+    assert len(clash) == 2 and all("other settings" in f["error"] for f in clash)
 
 
 def test_accuracy_reports_a_failing_run(tmp_path):
