@@ -227,6 +227,43 @@ def _structured(data: Dict) -> Optional[Found]:
                         f"tokens; {data.get('dtype')}{threads}", exact=model == "bert-base")
 
 
+
+# ---------------------------------------------------------------- accuracy (issue targets of the CAP loop)
+def _accuracy_group(data: Dict, method: str, target: float = 0.9) -> Optional[Dict]:
+    """The (task, method) group of ``method`` at ``target`` sparsity: SST-2 with ≥ 3 seeds first."""
+    groups = [g for g in data.get("groups") or []
+              if g.get("method", "").partition("@")[0] == method and g.get("sparsity_mean") is not None
+              and abs(g["sparsity_mean"] - target) < 0.01]
+    groups.sort(key=lambda g: (g.get("task") != "sst2", -(g.get("n") or 0)))
+    return groups[0] if groups else None
+
+
+def _exact(g: Dict) -> bool:
+    return g.get("task") == "sst2" and (g.get("n") or 0) >= 3
+
+
+def _kept(data: Dict) -> Optional[Found]:
+    g = _accuracy_group(data, "cap-m")
+    if g is None or g.get("kept_mean") is None:
+        return None
+    std = "" if g.get("kept_std") is None else f" ± {100 * g['kept_std']:.1f}"
+    return Found(g["kept_mean"], f"{g['task']}, {g.get('model')}, {g['method']} at {100 * g['sparsity_mean']:.1f}% "
+                                 f"sparsity, pruned / teacher dev metric{std} over {g['n']} seed(s), "
+                                 f"{g.get('train_examples')} training examples", exact=_exact(g))
+
+
+def _margin(data: Dict) -> Optional[Found]:
+    g = _accuracy_group(data, "cap-m")
+    if g is None:
+        return None
+    c = next((c for c in data.get("comparisons") or []
+              if c.get("task") == g["task"] and c.get("method") == g["method"]), None)
+    if c is None or not c.get("spread"):
+        return None
+    return Found(c["margin"] / c["spread"], f"{c['task']}: {c['method']} − {c['baseline']} = "
+                                            f"{100 * c['margin']:+.2f} points, larger seed std "
+                                            f"{100 * c['spread']:.2f} points, {c['n']} seeds", exact=_exact(g))
+
 GPU = ("cuda",)
 ANY = ("cuda", "cpu")
 ML_WHY = "bf16 masked linear against cuBLAS needs a GPU"
@@ -261,6 +298,10 @@ TARGETS: List[Target] = [
            True, "x", "masked_linear", ("cpu",),
            _masked_linear("forward", ("block",), 0.9, "speedup_vs_dense", backends=("cpu",), dtype="float32",
                           tokens=None, threads=2, block_sizes=None), "a CPU target"),
+    Target("Accuracy, SST-2 (≥ 3 seeds): cap-m at 90% sparsity keeps this much of the teacher's dev accuracy",
+           0.97, True, "%", "accuracy", ANY, _kept),
+    Target("Accuracy, SST-2 (≥ 3 seeds): cap-m's margin over movement + KD at 90%, in units of the seeds' "
+           "spread (larger standard deviation)", 1.0, True, "x", "accuracy", ANY, _margin),
 ]
 
 
@@ -345,7 +386,7 @@ def accuracy_rows(folder: Path) -> Tuple[List[Dict], List[str]]:
     unreadable file."""
     rows, problems = [], []
     folder = Path(folder)
-    for path in sorted(folder.glob("*/report.json")) + sorted(folder.glob("accuracy_runs*/*/*/report.json")):
+    for path in sorted(folder.glob("*/report.json")) + sorted(folder.glob("accuracy_runs*/**/report.json")):
         try:
             rep = json.loads(path.read_text())
             name, dense = _metric((rep.get("dense") or {}).get("metrics"))

@@ -333,13 +333,58 @@ def test_accuracy_rows_read_pruning_reports(tmp_path):
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "report.json").write_text("[]")  # not a report: skipped with a line, not raised
     _report_json(tmp_path, "accuracy_runs/sst2/movement", dense=0.95, pruned=0.8)  # benchmarks.accuracy's runs
+    _report_json(tmp_path, "accuracy_runs/sst2/seed-1/cap-m@0.9", dense=0.95, pruned=0.9)  # ... with seeds
     rows, problems = targets.accuracy_rows(tmp_path)
-    assert [r["run"] for r in rows] == ["[a](a/report.md)", "accuracy_runs/sst2/movement"]
+    assert [r["run"] for r in rows] == ["[a](a/report.md)", "accuracy_runs/sst2/movement",
+                                        "accuracy_runs/sst2/seed-1/cap-m@0.9"]
     assert rows[1]["drop"] == "15.0 pp"
     assert (rows[0]["metric"], rows[0]["dense"], rows[0]["pruned"], rows[0]["drop"]) == ("accuracy", "0.9500",
                                                                                         "0.9000", "5.0 pp")
     assert len(problems) == 1 and problems[0].startswith("b/report.json")
     assert "No CAP pruning runs here" in targets.accuracy_markdown(tmp_path / "a")
+
+
+def test_accuracy_targets_from_seeded_runs(tmp_path):
+    import json
+
+    from benchmarks import targets
+    from benchmarks.accuracy import aggregate
+
+    def rows(task, method, dense, pruned):
+        return [{"task": task, "method": method, "seed": s, "model": "minilm", "train_examples": 100,
+                 "dev_examples": 50, "dense": d, "pruned": p, "kept": p / d, "sparsity": 0.9, "speedup": None}
+                for s, d, p in zip((1, 2, 3), dense, pruned)]
+
+    runs = rows("sst2", "cap-m@0.9", (0.91, 0.91, 0.92), (0.88, 0.89, 0.90)) + \
+        rows("sst2", "movement@0.9", (0.91, 0.91, 0.92), (0.80, 0.82, 0.81))
+    groups, comparisons = aggregate(runs)
+    capm = next(g for g in groups if g["method"] == "cap-m@0.9")
+    assert capm["n"] == 3 and capm["pruned_mean"] == pytest.approx(0.89) and capm["pruned_std"] == pytest.approx(0.01)
+    assert capm["kept_mean"] == pytest.approx((0.88 / 0.91 + 0.89 / 0.91 + 0.90 / 0.92) / 3)
+    (c,) = comparisons
+    assert (c["baseline"], c["margin"], c["spread"]) == ("movement@0.9", pytest.approx(0.08), pytest.approx(0.01))
+
+    def judged(runs):
+        groups, comparisons = aggregate(runs)
+        data = {"benchmark": "accuracy", "machine": _machine(), "rows": runs, "groups": groups,
+                "comparisons": comparisons, "failures": []}
+        (tmp_path / "accuracy.json").write_text(json.dumps(data))
+        found = targets.evaluate(targets.load_results(tmp_path)[0])
+        return _target(found, "Accuracy, SST-2 (≥ 3 seeds): cap-m at 90%"), _target(found, "Accuracy, SST-2 (≥ 3 "
+                                                                                           "seeds): cap-m's margin")
+
+    kept, margin = judged(runs)
+    assert (kept["verdict"], kept["measured"]) == ("met", "97.4%")
+    assert (margin["verdict"], margin["measured"]) == ("met", "8.00×")
+    # a margin inside the seeds' spread, and too much lost: not met
+    worse = rows("sst2", "cap-m@0.9", (0.91, 0.91, 0.92), (0.80, 0.85, 0.90)) + runs[3:]
+    kept, margin = judged(worse)
+    assert kept["verdict"] == margin["verdict"] == "**not met**" and margin["measured"] == "0.80×"
+    # another task or a single seed is shown, not judged
+    kept, margin = judged(rows("bbc_news", "cap-m@0.9", (0.9,), (0.88,)))
+    assert kept["verdict"] == "not measured at the target's shape / dtype"
+    assert kept["source"].startswith("nearest measured (not judged): 97.8%")
+    assert margin["verdict"].startswith("not measured: no matching rows")
 
 
 def test_default_results_folder_and_console_script(tmp_path):
