@@ -2,7 +2,8 @@
 
 For every task and seed, a dense teacher is fine-tuned once (the "dense" row and the KD / FiC
 teacher of every method); then every method prunes the pre-trained model with that teacher,
-exactly as ``capkit-prune`` does. The seed picks the training subset (``--max-train-examples``),
+exactly as ``capkit-prune`` does (a ``--block-size`` setting applies to the movement and
+magnitude methods only). The seed picks the training subset (``--max-train-examples``),
 the data order, dropout and negatives, so each seed is a whole repeat of the experiment.
 
 A method is a ``capkit-prune --method`` name, optionally with its target: ``cap-m@0.9`` prunes
@@ -98,7 +99,10 @@ def method_flags(spec: str, settings: List[str]) -> List[str]:
 
     name, target = parse_method(spec)
     flags = ["--method", name]
-    if METHODS[name][0] != "structured":
+    kind = METHODS[name][0]
+    if kind not in ("movement", "magnitude") and _flag(settings, "--block-size") not in (None, "0"):
+        flags += ["--block-size", "0"]  # blocks are for the top-k methods; the others run as they must
+    if kind != "structured":
         return flags + (["--sparsity", str(target)] if target is not None else [])
     fractions = list(CAPConfig().structured_fractions)
     if target is not None:

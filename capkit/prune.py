@@ -55,7 +55,8 @@ _HELP = {
     "grad_clip": "gradient norm clip (0: off)",
     "grad_accum": "batches per optimiser step",
     "sparsity": "final fraction of encoder-linear weights pruned (top-k methods)",
-    "block_size": "prune whole blocks of this size (16/32/64/128) so the model runs on block-sparse kernels",
+    "block_size": "prune whole blocks of this size (16/32/64/128) so the model runs on block-sparse kernels; "
+                  "0: single weights (movement and magnitude only)",
     "initial_warmup": "sparsity schedule: steps at the initial value, in units of w",
     "final_warmup": "sparsity schedule: steps at the final value, in units of w",
     "soft_threshold": "soft movement: final threshold tau of sigmoid(scores)",
@@ -165,12 +166,17 @@ def config_from_args(argv: Optional[List[str]] = None) -> CAPConfig:
             settings = base
     if "model" not in settings and "task" not in settings:
         base = dict(EMBEDDED_DEFAULT)
+        if METHODS[settings.get("method", base["method"])][0] not in ("movement", "magnitude"):
+            del base["block_size"]  # blocks are the default of the top-k methods only (cap-f prunes heads)
         base.update(settings)
         settings = base
         print("[capkit-prune] no --model/--task given: running the embedded default, the pre-trained MiniLM-L6-H384 "
               "on BBC News (see `capkit-prune --help` to prune your own model)", file=sys.stderr)
+    if settings.get("block_size") == 0:  # --block-size 0: unstructured (overrides a config file's blocks)
+        settings["block_size"] = None
     if command == "finetune":
         settings["method"] = "finetune"
+        settings["block_size"] = None  # a dense teacher has no blocks
         settings.setdefault("kd", False)
         for module in ("prc", "snc", "fic"):
             settings.setdefault(module, False)

@@ -247,6 +247,15 @@ def test_cli_config_file_flags_and_errors(tmp_path, capsys):
     assert (default.model, default.task, default.block_size) == ("minilm", "bbc_news", 32)
     assert "embedded default" in capsys.readouterr().err
     assert config_from_args(["finetune", "--task", "rte"]).method == "finetune"
+    # the embedded default's blocks go with its top-k methods only; 0 turns blocks off
+    for argv, blocks in ((["--method", "cap-f"], None), (["--method", "cap-soft"], None), (["finetune"], None),
+                         (["--method", "magnitude"], 32), (["--block-size", "0"], None),
+                         (["--config", str(tmp_path / "run.yaml"), "--block-size", "0"], None)):
+        cfg = config_from_args(argv)
+        assert cfg.block_size == blocks, argv
+        cfg.resolved()  # valid as given
+    assert main(["--method", "cap-f", "--block-size", "32"]) == 2  # an explicit conflict is an error
+    assert "block_size must be None for soft-movement and structured methods" in capsys.readouterr().err
     assert main(["--task", "rte", "--sparsity", "2"]) == 2
     assert "sparsity must be in [0, 1)" in capsys.readouterr().err
     (tmp_path / "bad.json").write_text("{bad")

@@ -102,3 +102,26 @@ def test_accuracy_reports_a_failing_run(tmp_path):
     assert rc == 1 and data["rows"] == [] and data["failures"][0]["method"] == "teacher"
     with pytest.raises(SystemExit):
         accuracy.main(["--methods", "finetune"])
+
+
+def test_accuracy_method_specs_share_one_budget():
+    from benchmarks.accuracy import method_flags, parse_method
+
+    settings = ["--epochs", "5", "--block-size", "32"]
+    assert method_flags("cap-m@0.9", settings) == ["--method", "cap-m", "--sparsity", "0.9"]
+    assert method_flags("movement", settings) == ["--method", "movement"]
+    # cap-f: the default schedule up to its target, the same 5 epochs spread over its iterations, no blocks
+    assert method_flags("cap-f@0.5", settings) == ["--method", "cap-f", "--block-size", "0", "--structured-fractions",
+                                                   "0.1", "0.2", "0.3", "0.4", "0.5", "--structured-epochs", "1"]
+    flags = method_flags("cap-f@0.9", settings)
+    assert flags[flags.index("--structured-epochs") + 1] == "0.555556" and flags.count("--structured-fractions") == 1
+    assert method_flags("cap-f@0.45", ["--epochs", "3"])[2:] == ["--structured-fractions", "0.1", "0.2", "0.3", "0.4",
+                                                                 "0.45", "--structured-epochs", "0.6"]
+    assert method_flags("cap-f", ["--epochs", "4", "--structured-fractions", "0.3", "0.6", "--seed", "1"]) == \
+        ["--method", "cap-f", "--structured-epochs", "2"]
+    assert method_flags("cap-soft", settings) == ["--method", "cap-soft", "--block-size", "0"]
+    assert parse_method("cap-f@0.5") == ("cap-f", 0.5)
+    for bad, says in (("cap-x", "unknown method"), ("cap-m@1.5", r"a fraction in \(0, 1\)"), ("cap-m@x", "fraction"),
+                      ("finetune", "unknown method")):
+        with pytest.raises(ValueError, match=says):
+            parse_method(bad)
