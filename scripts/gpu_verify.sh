@@ -8,13 +8,17 @@
 #   bash scripts/gpu_verify.sh ops            # build, then masked_linear (+ dispatch table), info_nce, mask_threshold
 #   bash scripts/gpu_verify.sh models         # build, then structured/sparse inference and the training step
 #   bash scripts/gpu_verify.sh report         # rebuild report.md and plots from the results present
+#   bash scripts/gpu_verify.sh carry          # HERE, not on the GPU machine: MiniLM (fp16 copy) and SST-2
+#                                             # into .gpu-carry/ (~50 MiB), for the device's `carry`
+#   bash scripts/gpu_verify.sh accuracy       # SST-2 seeded accuracy runs from .gpu-carry/ (resumable:
+#                                             # call again to go on; finished runs are read back)
 #
 # Each stage fits in ten minutes on an H100; results go to benchmarks/results/<gpu>/ and are
 # packed as $OUT/results.tgz (plus logs), ready to unpack into the repository and commit.
 set -uo pipefail
 stage="${1:-test}"
 OUT="${OUT:-$PWD/gpu-verify-out}"
-mkdir -p "$OUT"
+[ "$stage" = carry ] || mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 CAPKIT_CUDA=1
 py="${PYTHON:-python3}"
 
@@ -60,5 +64,36 @@ case "$stage" in
         "$py" -m benchmarks --full --report-only 2>&1 | tail -20
         pack
         ;;
-    *) echo "unknown stage '$stage' (build, test, ops, models, report)" >&2; exit 2 ;;
+    carry)
+        # fp16 weights keep MiniLM under the transfer limit; the config says float32, so it loads
+        # (and trains) in fp32 as the embedded model does
+        glue="${CAPKIT_GLUE:-../shared/data/glue}"
+        [ -f "$glue/SST-2/train.tsv" ] || { echo "no $glue/SST-2/train.tsv (set CAPKIT_GLUE)" >&2; exit 2; }
+        mkdir -p .gpu-carry/glue && cp -r "$glue/SST-2" .gpu-carry/glue/
+        "$py" - <<'PY'
+import json, transformers
+from capkit.cap.trainer import model_path
+src, out = model_path("minilm"), ".gpu-carry/minilm-fp16"
+transformers.AutoModel.from_pretrained(src).half().save_pretrained(out)
+transformers.AutoTokenizer.from_pretrained(src).save_pretrained(out)
+cfg = json.load(open(out + "/config.json"))
+cfg.update({k: "float32" for k in cfg if "dtype" in k})
+json.dump(cfg, open(out + "/config.json", "w"), indent=2)
+PY
+        du -sh .gpu-carry
+        ;;
+    accuracy)
+        build
+        [ -d .gpu-carry/minilm-fp16 ] || { echo "no .gpu-carry/ (run the carry stage here, pass carry=[.gpu-carry])" >&2; exit 2; }
+        # the CPU runs' settings (benchmarks/results/amd-epyc-2c/accuracy.md) on more data
+        timeout "${CAPKIT_STAGE_SECONDS:-540}" "$py" -m benchmarks.accuracy --tasks sst2 --seeds 1 2 3 \
+            --methods movement@0.9 cap-m@0.9 cap-f@0.5 cap-f@0.9 -- \
+            --model .gpu-carry/minilm-fp16 --data-dir .gpu-carry/glue/SST-2 \
+            --max-train-examples "${CAPKIT_SST2_EXAMPLES:-20000}" --epochs "${CAPKIT_SST2_EPOCHS:-5}" \
+            --max-length 64 --teacher-epochs 2 --batch-size 32 --learning-rate 3e-4 --score-learning-rate 0.1 \
+            --extra-negatives 1024 --block-size 32 --initial-warmup 3 --final-warmup 1 --save-every 200 \
+            2>&1 | tee -a "$OUT/bench_accuracy.log" | grep -v "Loading\|MISSING" | tail -30
+        pack
+        ;;
+    *) echo "unknown stage '$stage' (build, test, ops, models, report, carry, accuracy)" >&2; exit 2 ;;
 esac
