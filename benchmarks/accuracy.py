@@ -27,7 +27,8 @@ Settings after ``--`` go to ``capkit-prune`` unchanged (model, data folder, size
 
 Runs take long: each run's folder (``<out>/accuracy_runs/<task>/seed-<seed>/<method>``) keeps its
 checkpoints, so starting the same command again resumes where it stopped; a finished run is read
-back from its report, not run again.
+back from its report, not run again. ``--collect`` trains nothing: it tabulates the finished runs
+and lists the rest as not run.
 """
 from __future__ import annotations
 
@@ -146,8 +147,9 @@ def _row(task: str, seed: int, spec: str, report: Dict, seconds: Optional[float]
 
 
 def run_task(task: str, seed: int, methods: List[str], settings: List[str], root: Path,
-             base: Optional[Path] = None) -> Tuple[List[Dict], List[Dict]]:
-    """The teacher and every method on one task and seed; returns (rows, failures)."""
+             base: Optional[Path] = None, collect: bool = False) -> Tuple[List[Dict], List[Dict]]:
+    """The teacher and every method on one task and seed; returns (rows, failures).
+    ``collect``: train nothing, read the finished runs and list the others as not run."""
     from capkit.cap.trainer import finetune_teacher, run
     from capkit.prune import config_from_args
 
@@ -159,6 +161,8 @@ def run_task(task: str, seed: int, methods: List[str], settings: List[str], root
     teacher = folder / "teacher"
     teacher_seconds = None
     try:
+        if collect and not (teacher / "capkit.json").exists():
+            return rows, [{"task": task, "seed": seed, "method": "teacher", "error": "not run (--collect)"}]
         if not (teacher / "capkit.json").exists():
             print(f"[accuracy] {task}, seed {seed}: fine-tuning the dense teacher", flush=True)
             t0 = time.perf_counter()
@@ -179,6 +183,9 @@ def run_task(task: str, seed: int, methods: List[str], settings: List[str], root
                 print(f"[accuracy] {task}, seed {seed}: {spec} finished before, reading its report", flush=True)
                 rows.append(_row(task, seed, spec, json.loads((out / "report.json").read_text()), None,
                                  teacher_seconds, out, base))
+                continue
+            if collect:
+                failures.append({"task": task, "seed": seed, "method": spec, "error": "not run (--collect)"})
                 continue
             print(f"[accuracy] {task}, seed {seed}: {spec}", flush=True)
             cfg = config_from_args(argv + (["--resume"] if (out / "config.json").exists() else []))
@@ -288,6 +295,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=None,
                    help="seeds, each a whole repeat with its own training subset and teacher "
                         "(default: capkit-prune's --seed among the settings, else 42)")
+    p.add_argument("--collect", action="store_true",
+                   help="train nothing: tabulate the finished runs, list the others as not run")
     p.add_argument("--min-time", type=float, default=None, help="accepted for the runner; unused")
     p.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/<device>/)")
     args = p.parse_args(argv)
@@ -312,7 +321,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     failures: List[Dict] = []
     for task in tasks:
         for seed in seeds:
-            r, f = run_task(task, seed, args.methods, settings, root, out)
+            r, f = run_task(task, seed, args.methods, settings, root, out, collect=args.collect)
             rows += r
             failures += f
     groups, comparisons = aggregate(rows)

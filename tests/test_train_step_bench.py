@@ -87,6 +87,12 @@ def test_accuracy_runs_are_tabulated_and_resume(tmp_path):
     assert teacher.stat().st_mtime_ns == stamp
     assert [r["pruned"] for r in again["rows"]] == [r["pruned"] for r in data["rows"]]
     assert all(r["run_s"] is None for r in again["rows"])  # read back from the finished runs' reports
+    # --collect tabulates what is finished and lists what is not, training nothing
+    assert accuracy.main(argv[:4] + ["cap-soft", "--collect", *argv[5:]]) == 1
+    got = json.loads((tmp_path / "res" / "accuracy.json").read_text())
+    assert [r["method"] for r in got["rows"]] == ["cap-m"]
+    assert got["failures"] == [{"task": "text", "seed": 42, "method": "cap-soft", "error": "not run (--collect)"}]
+    assert not (tmp_path / "res" / "accuracy_runs" / "text" / "seed-42" / "cap-soft").exists()
     # the same folder with other settings is refused, not mixed into the table
     assert accuracy.main(argv + ["--sparsity", "0.6"]) == 1
     clash = json.loads((tmp_path / "res" / "accuracy.json").read_text())["failures"]
