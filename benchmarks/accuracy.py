@@ -83,43 +83,32 @@ def parse_method(spec: str) -> Tuple[str, Optional[float]]:
     return name, value
 
 
-def _flag(settings: List[str], name: str) -> Optional[str]:
-    """The last value given to ``name`` in a capkit-prune argument list (later flags win)."""
-    value = None
-    for i, arg in enumerate(settings):
-        if arg == name and i + 1 < len(settings):
-            value = settings[i + 1]
-        elif arg.startswith(name + "="):
-            value = arg.split("=", 1)[1]
-    return value
+def given_settings(settings: List[str]) -> Dict[str, object]:
+    """The settings a capkit-prune argument list names explicitly, parsed by capkit-prune's own
+    parser (later flags win; unset ones are absent). Exits with its message on a bad setting."""
+    from capkit.prune import build_parser
+
+    return vars(build_parser().parse_args(settings))
 
 
 def method_flags(spec: str, settings: List[str]) -> List[str]:
     """capkit-prune flags of one method spec, with the same training budget as every other method."""
-    from capkit.cap.config import METHODS, CAPConfig
+    from capkit.cap.config import METHODS, CAPConfig, takes_blocks
 
     name, target = parse_method(spec)
+    given = given_settings(settings)
     flags = ["--method", name]
-    kind = METHODS[name][0]
-    if kind not in ("movement", "magnitude") and _flag(settings, "--block-size") not in (None, "0"):
+    if not takes_blocks(name) and given.get("block_size") not in (None, 0):
         flags += ["--block-size", "0"]  # blocks are for the top-k methods; the others run as they must
-    if kind != "structured":
+    if METHODS[name][0] != "structured":
         return flags + (["--sparsity", str(target)] if target is not None else [])
-    fractions = list(CAPConfig().structured_fractions)
-    if target is not None:
-        fractions = [f for f in fractions if f < target - 1e-9] + [target]
+    if target is not None:  # the default schedule up to the target
+        fractions = [f for f in CAPConfig().structured_fractions if f < target - 1e-9] + [target]
         flags += ["--structured-fractions", *map(str, fractions)]
-    elif "--structured-fractions" in settings:  # nargs: the values after the last such flag
-        i = len(settings) - 1 - settings[::-1].index("--structured-fractions")
-        values = []
-        for v in settings[i + 1:]:
-            if v.startswith("--"):
-                break
-            values.append(float(v))
-        fractions = values or fractions
-    epochs = _flag(settings, "--epochs")
-    if epochs is not None and _flag(settings, "--structured-epochs") is None:
-        flags += ["--structured-epochs", f"{float(epochs) / len(fractions):.6g}"]
+    else:
+        fractions = list(given.get("structured_fractions") or CAPConfig().structured_fractions)
+    if given.get("epochs") is not None and given.get("structured_epochs") is None:
+        flags += ["--structured-epochs", f"{float(given['epochs']) / len(fractions):.6g}"]
     return flags
 
 
@@ -161,9 +150,9 @@ def run_task(task: str, seed: int, methods: List[str], settings: List[str], root
     teacher = folder / "teacher"
     teacher_seconds = None
     try:
-        if collect and not (teacher / "capkit.json").exists():
-            return rows, [{"task": task, "seed": seed, "method": "teacher", "error": "not run (--collect)"}]
         if not (teacher / "capkit.json").exists():
+            if collect:
+                return rows, [{"task": task, "seed": seed, "method": "teacher", "error": "not run (--collect)"}]
             print(f"[accuracy] {task}, seed {seed}: fine-tuning the dense teacher", flush=True)
             t0 = time.perf_counter()
             finetune_teacher(config_from_args(["finetune", *common, "--output-dir", str(folder)]), teacher)
@@ -310,7 +299,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         settings = QUICK_SETTINGS + settings  # later flags win
     elif args.tasks is None:
         settings = embedded_default_flags() + settings
-    seeds = args.seeds or [int(_flag(settings, "--seed") or 42)]
+    given = given_settings(settings)  # a bad capkit-prune setting stops here, before any training
+    seeds = args.seeds or [int(given.get("seed", 42))]
     if len(set(seeds)) != len(seeds):
         p.error(f"--seeds: each seed once, got {seeds}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -13,7 +13,7 @@ import dataclasses
 import sys
 from typing import Dict, List, Optional
 
-from capkit.cap.config import METHODS, CAPConfig, ConfigError, load_config_file
+from capkit.cap.config import METHODS, CAPConfig, ConfigError, load_config_file, takes_blocks
 
 __all__ = ["EMBEDDED_DEFAULT", "build_parser", "config_from_args", "main"]
 
@@ -166,7 +166,7 @@ def config_from_args(argv: Optional[List[str]] = None) -> CAPConfig:
             settings = base
     if "model" not in settings and "task" not in settings:
         base = dict(EMBEDDED_DEFAULT)
-        if METHODS[settings.get("method", base["method"])][0] not in ("movement", "magnitude"):
+        if not takes_blocks(settings.get("method", base["method"])):
             del base["block_size"]  # blocks are the default of the top-k methods only (cap-f prunes heads)
         base.update(settings)
         settings = base

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-__all__ = ["METHODS", "CAPConfig", "ConfigError", "load_config_file"]
+__all__ = ["METHODS", "CAPConfig", "ConfigError", "load_config_file", "takes_blocks"]
 
 # method -> (pruning kind, contrastive modules on by default)
 METHODS = {
@@ -24,6 +24,13 @@ METHODS = {
     "soft-movement": ("soft-movement", False),
     "finetune": ("none", False),          # dense fine-tuning (the teacher)
 }
+
+BLOCK_KINDS = ("movement", "magnitude")  # the pruning kinds that can keep whole blocks (block_size)
+
+
+def takes_blocks(method: str) -> bool:
+    """Whether ``method`` can prune in blocks (``block_size``): the top-k movement and magnitude methods."""
+    return METHODS[method][0] in BLOCK_KINDS
 
 
 class ConfigError(ValueError):
@@ -163,7 +170,7 @@ class CAPConfig:
         need(self.normalization in ("cap", "mean"), "normalization", "'cap' or 'mean'")
         need(0.0 <= self.soft_threshold < 1.0, "soft_threshold", "in [0, 1)")
         need(self.block_size in (None, 16, 32, 64, 128), "block_size", "None or one of 16, 32, 64, 128")
-        need(self.block_size is None or self.pruning_kind in ("movement", "magnitude"), "block_size",
+        need(self.block_size is None or takes_blocks(self.method), "block_size",
              "None for soft-movement and structured methods")
         need(self.save_every >= 0, "save_every", ">= 0")
         need(self.teacher_epochs >= 0, "teacher_epochs", ">= 0")
