@@ -30,6 +30,7 @@ import torch
 
 from benchmarks import plots, targets
 from benchmarks.harness import device_slug, machine_info, markdown_table
+from capkit._io import atomic_write_text
 
 # name -> what it measures (the modules are benchmarks/<name>.py, each with a main(argv))
 BENCHMARKS: Dict[str, str] = {
@@ -96,7 +97,7 @@ def write_report(rows: List[Dict], out: Path, quick: bool, mi: Dict, rebuilt: bo
             text = md.read_text().strip()
             lines += ["#" + text if text.startswith("# ") else text, ""]  # one level down
     path = out / ("report" + suffix + ".md")
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 
 

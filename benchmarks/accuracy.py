@@ -129,17 +129,26 @@ def _row(task: str, seed: int, spec: str, report: Dict, seconds: Optional[float]
         "kept": None if not d or p is None else p / d,
         "metrics_dense": dense.get("metrics"), "metrics_pruned": pruned.get("metrics"),
         "sparsity": pruned.get("sparsity"), "speedup": latency.get("speedup"),
-        "latency_format": latency.get("format"), "run_s": None if seconds is None else round(seconds, 1),
+        "latency_format": latency.get("format"),
+        "train_s": report.get("train_seconds"),  # training time, as the run recorded it (resumes summed)
+        "run_s": None if seconds is None else round(seconds, 1),  # this call's wall time (None: read back)
         "teacher_s": None if teacher_seconds is None else round(teacher_seconds, 1),
         "report": (out / "report.json").relative_to(base).as_posix(),
     }
+
+
+def _recorded(run_dir: Path) -> Dict:
+    """The report a finished capkit-prune run wrote ({} when there is none)."""
+    path = run_dir / "report.json"
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def run_task(task: str, seed: int, methods: List[str], settings: List[str], root: Path,
              base: Optional[Path] = None, collect: bool = False) -> Tuple[List[Dict], List[Dict]]:
     """The teacher and every method on one task and seed; returns (rows, failures).
     ``collect``: train nothing, read the finished runs and list the others as not run."""
-    from capkit.cap.trainer import finetune_teacher, run
+    from capkit._io import atomic_write_text
+    from capkit.cap.trainer import CHECKPOINT, finetune_teacher, run
     from capkit.prune import config_from_args
 
     base = base or root.parent
@@ -159,6 +168,8 @@ def run_task(task: str, seed: int, methods: List[str], settings: List[str], root
             teacher_seconds = time.perf_counter() - t0
     except Exception as exc:  # no teacher: no run of this task and seed can be compared
         return rows, [{"task": task, "seed": seed, "method": "teacher", "error": repr(exc)[:300]}]
+    # the teacher's training time as its run recorded it, like the methods' train_s
+    teacher_seconds = _recorded(folder / "teacher.run").get("train_seconds", teacher_seconds)
     for spec in methods:
         out = folder / spec
         made_with = [*common, *method_flags(spec, settings)]  # the settings, less the folders
@@ -170,16 +181,15 @@ def run_task(task: str, seed: int, methods: List[str], settings: List[str], root
                                  f"remove it or pick another --out")
             if recorded is not None and (out / "report.json").exists():
                 print(f"[accuracy] {task}, seed {seed}: {spec} finished before, reading its report", flush=True)
-                rows.append(_row(task, seed, spec, json.loads((out / "report.json").read_text()), None,
-                                 teacher_seconds, out, base))
+                rows.append(_row(task, seed, spec, _recorded(out), None, teacher_seconds, out, base))
                 continue
             if collect:
                 failures.append({"task": task, "seed": seed, "method": spec, "error": "not run (--collect)"})
                 continue
             print(f"[accuracy] {task}, seed {seed}: {spec}", flush=True)
-            cfg = config_from_args(argv + (["--resume"] if (out / "config.json").exists() else []))
+            cfg = config_from_args(argv + (["--resume"] if (out / CHECKPOINT).exists() else []))
             out.mkdir(parents=True, exist_ok=True)
-            (out / RUN_ARGS).write_text(json.dumps(made_with))
+            atomic_write_text(out / RUN_ARGS, json.dumps(made_with))
             t0 = time.perf_counter()
             report = run(cfg)
             seconds = time.perf_counter() - t0
@@ -262,7 +272,7 @@ def summary_markdown(result: Dict) -> str:
              "sparsity": None if r["sparsity"] is None else 100 * r["sparsity"]} for r in result["rows"]]
     lines += ["", "Each run:", "",
               markdown_table(rows, ["task", "seed", "method", "train_examples", "dense", "pruned", "drop_points",
-                                    "sparsity", "speedup", "run_s", "report"])]
+                                    "sparsity", "speedup", "train_s", "report"])]
     if result["failures"]:
         lines += ["", "Not measured:", "", markdown_table(result["failures"], ["task", "seed", "method", "error"])]
     return "\n".join(lines) + "\n"

@@ -19,6 +19,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from capkit._io import atomic_write_text
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -200,19 +202,14 @@ def roofline_fraction(seconds: float, flops: float, bytes_moved: float, peaks: D
 def write_results(name: str, device: torch.device, payload: Dict, out_dir: Optional[Path] = None) -> Path:
     out_dir = Path(out_dir) if out_dir else RESULTS_DIR / device_slug(device)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1, default=str)
-    os.replace(tmp, path)  # never leave a half-written result file
-    return path
+    return atomic_write_text(out_dir / f"{name}.json", json.dumps(payload, indent=1, default=str))
 
 
 def publish(name: str, device: torch.device, payload: Dict, markdown: str, quick: bool = False,
             out_dir: Optional[Path] = None) -> Path:
     """Write ``<name>[_quick].json`` and its markdown summary next to it, print both places."""
     path = write_results(name + ("_quick" if quick else ""), device, payload, out_dir)
-    path.with_suffix(".md").write_text(markdown)
+    atomic_write_text(path.with_suffix(".md"), markdown)
     print(markdown)
     print(f"results: {path}")
     return path

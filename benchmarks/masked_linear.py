@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.harness import machine_info, markdown_table, measure_peaks, publish, roofline_fraction, time_fn
+from capkit._io import atomic_write_text
 from capkit.ops import BlockMask, NMMask, backend_status, masked_linear
 from capkit.ops._backends import TABLE_PATH, get_backend
 
@@ -234,9 +235,7 @@ def update_dispatch_table(result: Dict, path: Path) -> None:
             "file": str(path.relative_to(root)) if path.is_relative_to(root) else str(path)}},
         "rules": kept + rules,
     }
-    tmp = TABLE_PATH.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(table, indent=1) + "\n")
-    tmp.replace(TABLE_PATH)
+    atomic_write_text(TABLE_PATH, json.dumps(table, indent=1) + "\n")
     print(f"dispatch table: {len(rules)} rule(s) for {dev_type}/{dtype} written to {TABLE_PATH}")
 
 

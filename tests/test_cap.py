@@ -202,8 +202,9 @@ def test_resume_gives_the_same_result(tiny, tmp_path, monkeypatch):
         _run(_cfg(tiny, tmp_path / "b", save_every=2), teacher=teacher)
     monkeypatch.undo()
     state = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
-    assert state["global_step"] == 6
+    assert state["global_step"] == 6 and state["train_seconds"] > 0
     resumed = _run(_cfg(tiny, tmp_path / "b", save_every=2, resume=True), teacher=teacher)
+    assert resumed["train_seconds"] >= round(state["train_seconds"], 1)  # the interrupted part counts too
     assert resumed["pruned"]["metrics"] == straight["pruned"]["metrics"]
     a = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "a" / "model-dense").state_dict()
     b = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "b" / "model-dense").state_dict()

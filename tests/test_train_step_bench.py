@@ -87,6 +87,10 @@ def test_accuracy_runs_are_tabulated_and_resume(tmp_path):
     assert teacher.stat().st_mtime_ns == stamp
     assert [r["pruned"] for r in again["rows"]] == [r["pruned"] for r in data["rows"]]
     assert all(r["run_s"] is None for r in again["rows"])  # read back from the finished runs' reports
+    # training times come from the runs' reports, the same whether run now or read back
+    assert all(r["train_s"] > 0 and r["teacher_s"] > 0 for r in data["rows"])
+    assert [r["train_s"] for r in again["rows"]] == [r["train_s"] for r in data["rows"]]
+    assert again["rows"][0]["teacher_s"] == data["rows"][0]["teacher_s"]
     # --collect tabulates what is finished and lists what is not, training nothing
     assert accuracy.main(argv[:4] + ["cap-soft", "--collect", *argv[5:]]) == 1
     got = json.loads((tmp_path / "res" / "accuracy.json").read_text())

@@ -10,6 +10,7 @@ from typing import Dict, Optional
 
 import torch
 
+from capkit._io import atomic_write_text
 from capkit.cap import distributed as dist
 
 __all__ = ["measure_latency", "write_report"]
@@ -58,7 +59,7 @@ def write_report(run) -> dict:
         "pruned": {"metrics": pruned_metrics, "sparsity": sparsity.sparsity,
                    "heads_left": summary["heads_left"], "neurons_left": summary["neurons_left"],
                    "parameters": sparsity.parameters, "nonzero_parameters": sparsity.nonzero_parameters},
-        "exports": {}, "history": run.history, "device": str(run.device),
+        "train_seconds": round(run.train_seconds, 1), "exports": {}, "history": run.history, "device": str(run.device),
         "torch": torch.__version__, "capkit": capkit.__version__,
     }
     if dist.is_main():
@@ -81,8 +82,8 @@ def write_report(run) -> dict:
                                  "threads": torch.get_num_threads()}
             # the exported model must give the same predictions as the model it came from
             report["latency"]["export_matches"] = _same_predictions(student, loaded, batch)
-        (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
-        (out / "report.md").write_text(_markdown(report, sparsity.table()))
+        atomic_write_text(out / "report.md", _markdown(report, sparsity.table()))
+        atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=str))  # last: marks the run done
         _print_summary(report)
     return report
 
@@ -101,7 +102,8 @@ def _same_predictions(a, b, batch) -> bool:
 def _markdown(report: dict, sparsity_table: str) -> str:
     lines = [f"# capkit-prune: {report['method']} on {report['task']}", "",
              f"model {report['model']}, {report['train_examples']} training / {report['dev_examples']} dev examples, "
-             f"device {report['device']}, torch {report['torch']}, capkit {report['capkit']}", "",
+             f"device {report['device']}, torch {report['torch']}, capkit {report['capkit']}"
+             + (f", training {report['train_seconds']:.0f} s" if report.get("train_seconds") is not None else ""), "",
              "| model | metrics |", "|---|---|",
              f"| dense ({report['dense']['source'] or 'n/a'}) | {_fmt(report['dense']['metrics'])} |",
              f"| pruned | {_fmt(report['pruned']['metrics'])} |", "",

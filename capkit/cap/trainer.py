@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import signal
 import sys
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from capkit._io import atomic_torch_save, atomic_write_text
 from capkit.cap import distributed as dist
 from capkit.cap.banks import MemoryBank, encode_representations, model_inputs, to_device
 from capkit.cap.config import CAPConfig, ConfigError
@@ -148,14 +148,6 @@ def _restore_optimisation(state: dict, optimizer, scheduler) -> None:
     _set_rng_state(rngs[dist.rank()] if dist.rank() < len(rngs) else rngs[0])
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _linear_warmup_decay(optimizer, warmup: int, total: int):
     def factor(step: int) -> float:
         if step < warmup:
@@ -216,6 +208,8 @@ class CAPRun:
         self.pruner = None
         self.structured_masks = None
         self.iteration = 0
+        self.train_seconds = 0.0  # wall time spent training, summed over resumed segments
+        self._clock: Optional[float] = None
         self._interrupted = False
         self._log_file = None
         self._tb = None
@@ -440,14 +434,18 @@ class CAPRun:
             "banks": {k: b.state_dict() for k, b in self.banks.items()},
             "global_step": self.global_step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "iteration": self.iteration, "history": self.history,
-            "negatives": self.negatives.get_state(),
+            "negatives": self.negatives.get_state(), "train_seconds": self._train_time(),
         }
         rng = dist.all_gather_object(_rng_state())
         state["rng"] = rng
         if dist.is_main():
             self.out.mkdir(parents=True, exist_ok=True)
-            _atomic_torch_save(state, self._checkpoint_path())
+            atomic_torch_save(state, self._checkpoint_path())
         dist.barrier()
+
+    def _train_time(self) -> float:
+        """Seconds of training so far, this process's and those of the runs it resumed."""
+        return self.train_seconds + (0.0 if self._clock is None else time.perf_counter() - self._clock)
 
     def _load_checkpoint(self) -> Optional[dict]:
         path = self._checkpoint_path()
@@ -710,7 +708,7 @@ class CAPRun:
             raise ConfigError(f"{self._checkpoint_path()} exists: pass --resume to continue that run, "
                               f"or choose another --output-dir")
         if dist.is_main():
-            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+            atomic_write_text(self.out / "config.json", json.dumps(cfg.to_dict(), indent=2))
         self._setup_teacher()
         if state is not None:
             self.banks = {k: MemoryBank.from_state_dict(v, self.device) for k, v in state["banks"].items()}
@@ -718,10 +716,12 @@ class CAPRun:
             self.batch_in_epoch, self.iteration = state["batch_in_epoch"], state["iteration"]
             self.history = state["history"]
             self.negatives.set_state(state["negatives"])
+            self.train_seconds = float(state.get("train_seconds", 0.0))
             _log(f"resuming from step {self.global_step} (epoch {self.epoch + 1}, batch {self.batch_in_epoch})")
         else:
             self._setup_banks()
         previous = signal.signal(signal.SIGINT, self._on_signal) if dist.is_main() else None
+        self._clock = time.perf_counter()
         try:
             if cfg.structured:
                 self._fit_structured(state)
@@ -733,6 +733,7 @@ class CAPRun:
                 _log(f"interrupted: checkpoint written to {self._checkpoint_path()} (continue with --resume)")
             raise
         finally:
+            self.train_seconds, self._clock = self._train_time(), None
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
             if self._log_file is not None:
