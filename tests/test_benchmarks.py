@@ -422,3 +422,14 @@ def test_cpu_peak_memory_counts_what_a_call_allocates():
         pytest.skip("no /proc/self/clear_refs here")
     assert 28 * 2**20 <= int(big) <= 64 * 2**20  # 32 MiB, freed at once
     assert int(nothing) < 4 * 2**20
+
+
+def test_step_bound_from_the_reference_phases():
+    from benchmarks.targets import _step_bound
+
+    phases = dict(teacher_forward=20.0, student_forward=20.0, contrastive=4.0, backward=40.0, optimizer=6.0)
+    rows = [{"variant": "reference", "mask_update": 30.0, **phases}, {"variant": "capkit", "mask_update": 2.0}]
+    text = _step_bound({"rows": rows})
+    # 120 ms of reference phases, 30 of them the sort: 120 / (120 - 30 + 2) = 1.30x
+    assert "25% of its phases" in text and "1.30×" in text
+    assert _step_bound({"rows": rows[:1]}) == ""  # no capkit row: nothing to say
