@@ -195,11 +195,15 @@ struct TileLoader {
       const int64_t row = row0 + c / CPR;
       const int64_t col = col0 + (c % CPR) * V;
       const int64_t rem = row < row_lim ? col_lim - col : 0;
-      if (vec || rem <= 0) {
+      if (vec) {
         const int bytes = rem >= V ? 16 : (rem > 0 ? static_cast<int>(rem) * static_cast<int>(sizeof(T)) : 0);
         cp_async16(dst, bytes > 0 ? static_cast<const void*>(g + row * ld + col)
                                   : static_cast<const void*>(g),
                    bytes);
+      } else if (rem <= 0) {
+        // cp.async needs a 16-byte aligned source even when it copies
+        // nothing, and g need not be aligned here: store the zeros directly.
+        *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
       } else {
         uint4 v = make_uint4(0u, 0u, 0u, 0u), no_mask = v;
         gather(g, nullptr, row * ld + col, col, col_lim, v, no_mask);
