@@ -11,7 +11,7 @@ environment would fetch a different torch and produce an extension that cannot l
 
 Environment variables:
   CAPKIT_CUDA=0|1      force the CUDA part off / on (on fails loudly if it cannot be built)
-  CAPKIT_CUDA_ARCHS    gencode list, default "80;90a"
+  CAPKIT_CUDA_ARCHS    gencode list, default "80;90a" (plus PTX of the first, for other GPUs)
   CAPKIT_BUILD_TYPE    CMake build type, default Release
   MAX_JOBS             parallel compile jobs
 """
