@@ -91,3 +91,30 @@ def test_partial_edge_blocks_count_as_full(shape):
     mask = torch.ones(*shape, dtype=torch.bool)
     bm = BlockMask.from_dense(mask, 32)
     assert bm.mask is None and bm.layout.nnz_blocks == (-(-shape[0] // 32)) * (-(-shape[1] // 32))
+
+
+def test_hand_made_layout_is_checked_before_use():
+    from capkit.ops import BlockLayout
+
+    grid = torch.rand(4, 6) > 0.4
+    grid[0, 0] = grid[0, 1] = True  # row 0 has two blocks, so swapping them breaks the order
+    good = block_grid_to_layout(grid, 16, (60, 90))
+    parts = lambda: [t.clone() for t in (good.row_ptr, good.col_idx, good.col_ptr, good.row_idx)]  # noqa: E731
+    made = BlockLayout((60, 90), 16, *parts())
+    assert not made.checked and BlockMask(made).layout.checked  # a correct hand-made layout is accepted
+    assert torch.equal(BlockMask(made).to_dense(), BlockMask(good).to_dense())
+
+    def broken(i, fix, match):
+        p = parts()
+        p[i] = fix(p[i])
+        with pytest.raises(ValueError, match=match):
+            BlockMask(BlockLayout((60, 90), 16, *p))
+
+    broken(0, lambda t: t[:-1], "row_ptr must have 5 entries")
+    broken(1, lambda t: t.long(), "col_idx must be a 1-D int32 tensor")
+    broken(1, lambda t: torch.where(t == t.max(), torch.full_like(t, 6), t), r"col_idx must hold block columns in \[0, 6\)")
+    broken(0, lambda t: torch.cat([t[:1] + 1, t[1:]]), "row_ptr must rise from 0")
+    broken(1, lambda t: torch.cat([t[1:2], t[:1], t[2:]]), "same live blocks, each once, in ascending order")
+    broken(3, lambda t: t[:-1], r"col_ptr must rise from 0 to len\(row_idx\)")
+    with pytest.raises(ValueError, match="block_size must be one of"):
+        BlockMask(BlockLayout((60, 90), 24, *parts()))

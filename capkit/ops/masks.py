@@ -11,7 +11,7 @@ size of the live-block list, which a compaction needs).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 import torch
@@ -56,6 +56,45 @@ class BlockLayout:
     col_idx: torch.Tensor
     col_ptr: torch.Tensor
     row_idx: torch.Tensor
+    # set once :meth:`check` passed (layouts built by block_grid_to_layout are right by construction)
+    checked: bool = field(default=False, repr=False, compare=False)
+
+    def check(self) -> "BlockLayout":
+        """Raise ValueError unless the lists describe one valid block grid; the kernels index
+        with them unchecked, so a hand-made layout is checked once, before its first use."""
+        if self.checked:
+            return self
+        _check_block_size(self.block_size)
+        if len(self.shape) != 2 or any(int(d) < 0 for d in self.shape):
+            raise ValueError(f"layout shape must be two sizes >= 0, got {self.shape}")
+        nbr, nbc = self.grid_shape
+        lists = {"row_ptr": self.row_ptr, "col_idx": self.col_idx, "col_ptr": self.col_ptr, "row_idx": self.row_idx}
+        for name, t in lists.items():
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != 1:
+                got = f"{t.dtype} with {t.dim()} dims" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"layout {name} must be a 1-D int32 tensor, got {got}")
+            if t.device != self.row_ptr.device:
+                raise ValueError(f"layout {name} is on {t.device} but row_ptr is on {self.row_ptr.device}")
+        for ptr, idx, n_ptr, n_idx, bound in (("row_ptr", "col_idx", nbr, "columns", nbc),
+                                              ("col_ptr", "row_idx", nbc, "rows", nbr)):
+            p, i = lists[ptr], lists[idx]
+            if p.numel() != n_ptr + 1:
+                raise ValueError(f"layout {ptr} must have {n_ptr + 1} entries for a {nbr}x{nbc} block grid, "
+                                 f"got {p.numel()}")
+            if int(p[0]) != 0 or int(p[-1]) != i.numel() or bool((p[1:] < p[:-1]).any()):
+                raise ValueError(f"layout {ptr} must rise from 0 to len({idx}) = {i.numel()}")
+            if i.numel() and (int(i.min()) < 0 or int(i.max()) >= bound):
+                raise ValueError(f"layout {idx} must hold block {n_idx} in [0, {bound})")
+        if self.col_idx.numel() != self.row_idx.numel():
+            raise ValueError(f"layout col_idx and row_idx list {self.col_idx.numel()} and {self.row_idx.numel()} "
+                             f"blocks: they must describe the same blocks")
+        rebuilt = block_grid_to_layout(self.block_grid(), self.block_size, self.shape)
+        if not all(torch.equal(a, b) for a, b in zip(lists.values(), (rebuilt.row_ptr, rebuilt.col_idx,
+                                                                      rebuilt.col_ptr, rebuilt.row_idx))):
+            raise ValueError("layout CSR and CSC lists must describe the same live blocks, each once, "
+                             "in ascending order")
+        self.checked = True
+        return self
 
     @property
     def grid_shape(self) -> Tuple[int, int]:
@@ -95,6 +134,7 @@ class BlockLayout:
             self.shape,
             self.block_size,
             *(t.to(device) for t in (self.row_ptr, self.col_idx, self.col_ptr, self.row_idx)),
+            checked=self.checked,
         )
 
 
@@ -128,6 +168,7 @@ def block_grid_to_layout(grid: torch.Tensor, block_size: int, shape: Tuple[int, 
         rc[:, 1].to(torch.int32).contiguous(),
         col_ptr.contiguous(),
         cr[:, 1].to(torch.int32).contiguous(),
+        checked=True,
     )
 
 
@@ -171,6 +212,7 @@ class BlockMask:
     def __init__(self, layout: BlockLayout, mask: Optional[torch.Tensor] = None):
         if not isinstance(layout, BlockLayout):
             raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
+        layout.check()
         if mask is not None:
             check_dense_mask(mask, layout.shape)
             if mask.device != layout.device:
