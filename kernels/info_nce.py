@@ -24,18 +24,17 @@ stored, on tensor cores.
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from ._common import INTERPRET as _INTERPRET, autotuned, fit_configs, on_device
+
 __all__ = ["info_nce_forward", "info_nce_backward"]
 
-# The interpreter has no autotuner and a high per-program cost, so it gets one fixed config
-# (read at launch time so it can be overridden).
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# The interpreter gets one fixed config (read at launch time so it can be overridden).
 _INTERPRET_FWD_META = {"BLOCK_B": 16, "BLOCK_M": 64, "BLOCK_D": 128}
 _INTERPRET_BWD_META = {"BLOCK_B": 16, "BLOCK_M": 64, "BLOCK_D": 128, "BLOCK_DO": 128}
 
@@ -64,8 +63,6 @@ _MAX_PARTIAL_ELEMS = 1 << 25
 _MAX_GRID_DIM = 65535  # grid dimensions 1 and 2
 _NOMINAL_BLOCK_B = 64
 _NOMINAL_BLOCK_DO = 128
-
-_SMEM_BUDGET = 200 * 1024
 
 
 # ---------------------------------------------------------------------------
@@ -126,36 +123,23 @@ def _make_prune(backward: bool):
         }
         kb = int(args["KEY_BYTES"])
         qb = 4 if int(args["N_PARTS"]) == 0 else 2 * int(args["N_PARTS"])
-        seen, out = set(), []
-        for c in configs:
-            meta = {k: min(v, caps[k]) for k, v in c.kwargs.items()}
+
+        def smem_bytes(meta, stages):
             per_stage = meta["BLOCK_B"] * meta["BLOCK_D"] * qb + meta["BLOCK_M"] * meta["BLOCK_D"] * kb
             fixed = meta["BLOCK_M"] * meta["BLOCK_DO"] * kb if backward else 0
-            stages = c.num_stages
-            while stages > 2 and stages * per_stage + fixed > _SMEM_BUDGET:
-                stages -= 1
-            if stages * per_stage + fixed > _SMEM_BUDGET:
-                continue
-            key = (tuple(sorted(meta.items())), c.num_warps, stages)
-            if key in seen:
-                continue
-            seen.add(key)
-            out.append(triton.Config(meta, num_warps=c.num_warps, num_stages=stages))
-        if not out:
-            small = {"BLOCK_B": 16, "BLOCK_M": 32, "BLOCK_D": 32}
-            if backward:
-                small["BLOCK_DO"] = 64
-            out.append(triton.Config(small, num_warps=4, num_stages=2))
-        return out
+            return stages * per_stage + fixed
+
+        small = {"BLOCK_B": 16, "BLOCK_M": 32, "BLOCK_D": 32}
+        if backward:
+            small["BLOCK_DO"] = 64
+        return fit_configs(configs, lambda meta: {k: min(v, caps[k]) for k, v in meta.items()}, smem_bytes,
+                           triton.Config(small, num_warps=4, num_stages=2))
 
     return prune
 
 
 def _tuned(configs, backward: bool):
-    if _INTERPRET:
-        return lambda fn: fn
-    return triton.autotune(configs=configs, key=_KEY,
-                           prune_configs_by={"early_config_prune": _make_prune(backward)})
+    return autotuned(configs, _KEY, _make_prune(backward))
 
 
 # ---------------------------------------------------------------------------
@@ -194,6 +178,29 @@ def _masked_sum_count(s, pos, FUSED: tl.constexpr):
 
 
 @triton.jit
+def _query_rows(qid_ptr, qlab_ptr, self_ptr, offs_b, b_ok, HAS_LAB: tl.constexpr, HAS_SELF: tl.constexpr):
+    # Ids, labels and left-out key of a block of queries (labels / left-out key: unused
+    # placeholders when absent).
+    q_id = tl.load(qid_ptr + offs_b, mask=b_ok, other=0)
+    q_lab = q_id
+    q_self = q_id
+    if HAS_LAB:
+        q_lab = tl.load(qlab_ptr + offs_b, mask=b_ok, other=0)
+    if HAS_SELF:
+        q_self = tl.load(self_ptr + offs_b, mask=b_ok, other=-1)
+    return q_id, q_lab, q_self
+
+
+@triton.jit
+def _key_block_range(M, SPLITS, pid_s, BLOCK_M: tl.constexpr):
+    # The key blocks [lo, hi) of key split pid_s (empty for the splits past the last block).
+    n_kb = tl.cdiv(M, BLOCK_M)
+    per = tl.cdiv(n_kb, SPLITS)
+    lo = pid_s * per
+    return lo, tl.minimum(lo + per, n_kb)
+
+
+@triton.jit
 def _score_tile(q_ptr, k_ptr, offs_b, b_ok, offs_m, m_ok, D, PART_STRIDE,
                 N_PARTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -211,9 +218,30 @@ def _score_tile(q_ptr, k_ptr, offs_b, b_ok, offs_m, m_ok, D, PART_STRIDE,
             acc = tl.dot(q, k, acc, input_precision=DOT_PRECISION)
         else:
             for p in tl.static_range(N_PARTS):
-                q = tl.load(q_rows + p * PART_STRIDE + offs_d[None, :], mask=b_ok[:, None] & d_ok, other=0.0)
+                # Part offsets in int64: p * B * d passes 2^31 for B * d >= 2^30 (3 parts).
+                q = tl.load(q_rows + p * tl.cast(PART_STRIDE, tl.int64) + offs_d[None, :],
+                            mask=b_ok[:, None] & d_ok, other=0.0)
                 acc = tl.dot(q, k, acc)
     return acc
+
+
+@triton.jit
+def _key_block_scores(q_ptr, k_ptr, ks_ptr, q_mul, offs_b, b_ok, kb, M, D, PART_STRIDE,
+                      HAS_SCALE: tl.constexpr, N_PARTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Scores of key block kb: (key offsets, key in range, s [BLOCK_B, BLOCK_M], key scales).
+    # q_mul: the query row factors (N_PARTS > 0); the key scales are a placeholder without HAS_SCALE.
+    offs_m = kb * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    s = _score_tile(q_ptr, k_ptr, offs_b, b_ok, offs_m, m_ok, D, PART_STRIDE,
+                    N_PARTS, DOT_PRECISION, BLOCK_B, BLOCK_M, BLOCK_D)
+    if N_PARTS != 0:
+        s = s * q_mul[:, None]
+    ks = m_ok.to(tl.float32)
+    if HAS_SCALE:
+        ks = tl.load(ks_ptr + offs_m, mask=m_ok, other=0.0)
+        s = s * ks[None, :]
+    return offs_m, m_ok, s, ks
 
 
 @_tuned(_FWD_CONFIGS, backward=False)
@@ -231,20 +259,12 @@ def _fwd_kernel(
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     b_ok = offs_b < B
 
-    q_id = tl.load(qid_ptr + offs_b, mask=b_ok, other=0)
-    if HAS_LAB:
-        q_lab = tl.load(qlab_ptr + offs_b, mask=b_ok, other=0)
-    if HAS_SELF:
-        q_self = tl.load(self_ptr + offs_b, mask=b_ok, other=-1)
+    q_id, q_lab, q_self = _query_rows(qid_ptr, qlab_ptr, self_ptr, offs_b, b_ok, HAS_LAB, HAS_SELF)
+    q_mul = tl.full((BLOCK_B,), 1.0, tl.float32)  # row factors of 16-bit query parts
     if N_PARTS != 0:
         q_mul = tl.load(qmul_ptr + offs_b, mask=b_ok, other=1.0)
 
-    # This program's range of key blocks.
-    n_kb = tl.cdiv(M, BLOCK_M)
-    per = tl.cdiv(n_kb, SPLITS)
-    kb_lo = pid_s * per
-    kb_hi = tl.minimum(kb_lo + per, n_kb)
-
+    kb_lo, kb_hi = _key_block_range(M, SPLITS, pid_s, BLOCK_M)
     m_i = tl.full((BLOCK_B,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_B,), dtype=tl.float32)
     sum_u = tl.zeros((BLOCK_B,), dtype=tl.float32)
@@ -252,14 +272,8 @@ def _fwd_kernel(
     sum_s = tl.zeros((BLOCK_B,), dtype=tl.float32)
     cnt_s = tl.zeros((BLOCK_B,), dtype=tl.float32)
     for kb in range(kb_lo, kb_hi):
-        offs_m = kb * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < M
-        s = _score_tile(q_ptr, k_ptr, offs_b, b_ok, offs_m, m_ok, D, PART_STRIDE,
-                        N_PARTS, DOT_PRECISION, BLOCK_B, BLOCK_M, BLOCK_D)
-        if N_PARTS != 0:
-            s = s * q_mul[:, None]
-        if HAS_SCALE:
-            s = s * tl.load(ks_ptr + offs_m, mask=m_ok, other=0.0)[None, :]
+        offs_m, m_ok, s, _ = _key_block_scores(q_ptr, k_ptr, ks_ptr, q_mul, offs_b, b_ok, kb, M, D, PART_STRIDE,
+                                               HAS_SCALE, N_PARTS, DOT_PRECISION, BLOCK_B, BLOCK_M, BLOCK_D)
         kept = m_ok[None, :] & b_ok[:, None]
         if HAS_SELF:
             kept = kept & (offs_m[None, :] != q_self[:, None])
@@ -309,11 +323,7 @@ def _bwd_kernel(
     offs_do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     do_ok = offs_do < D
 
-    q_id = tl.load(qid_ptr + offs_b, mask=b_ok, other=0)
-    if HAS_LAB:
-        q_lab = tl.load(qlab_ptr + offs_b, mask=b_ok, other=0)
-    if HAS_SELF:
-        q_self = tl.load(self_ptr + offs_b, mask=b_ok, other=-1)
+    q_id, q_lab, q_self = _query_rows(qid_ptr, qlab_ptr, self_ptr, offs_b, b_ok, HAS_LAB, HAS_SELF)
     lse = tl.load(lse_ptr + offs_b, mask=b_ok, other=float("-inf"))
     # Rows whose lse is -inf have no kept key: their gradient is 0 (no exp(-inf - -inf)).
     row_ok = lse > float("-inf")
@@ -325,6 +335,7 @@ def _bwd_kernel(
 
     g_mul = tl.full((BLOCK_B,), 1.0, tl.float32)
     g_inv = g_mul
+    q_mul = g_mul
     if N_PARTS != 0:
         q_mul = tl.load(qmul_ptr + offs_b, mask=b_ok, other=1.0)
         # Before the key scale, |g_ij| <= |a_u| + |a_s| + |c| (softmax <= 1): dividing by that
@@ -333,22 +344,11 @@ def _bwd_kernel(
         g_mul = tl.where(gmax > 0, gmax, 1.0)
         g_inv = 1.0 / g_mul
 
-    n_kb = tl.cdiv(M, BLOCK_M)
-    per = tl.cdiv(n_kb, SPLITS)
-    kb_lo = pid_s * per
-    kb_hi = tl.minimum(kb_lo + per, n_kb)
-
+    kb_lo, kb_hi = _key_block_range(M, SPLITS, pid_s, BLOCK_M)
     acc = tl.zeros((BLOCK_B, BLOCK_DO), dtype=tl.float32)
     for kb in range(kb_lo, kb_hi):
-        offs_m = kb * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < M
-        s = _score_tile(q_ptr, k_ptr, offs_b, b_ok, offs_m, m_ok, D, PART_STRIDE,
-                        N_PARTS, DOT_PRECISION, BLOCK_B, BLOCK_M, BLOCK_D)
-        if N_PARTS != 0:
-            s = s * q_mul[:, None]
-        if HAS_SCALE:
-            ks = tl.load(ks_ptr + offs_m, mask=m_ok, other=0.0)
-            s = s * ks[None, :]
+        offs_m, m_ok, s, ks = _key_block_scores(q_ptr, k_ptr, ks_ptr, q_mul, offs_b, b_ok, kb, M, D, PART_STRIDE,
+                                                HAS_SCALE, N_PARTS, DOT_PRECISION, BLOCK_B, BLOCK_M, BLOCK_D)
         kept = m_ok[None, :] & row_ok[:, None]
         if HAS_SELF:
             kept = kept & (offs_m[None, :] != q_self[:, None])
@@ -482,13 +482,14 @@ def info_nce_forward(qs, keys, key_scale, qid, kid, qlab, klab, self_index, *,
     def grid(META):
         return (triton.cdiv(b, META["BLOCK_B"]), splits)
 
-    _fwd_kernel[grid](
-        *_kernel_args(qs, keys, key_scale, qid, kid, qlab, klab, self_index), out,
-        b, m, d, b * d, splits,
-        **_flags(keys, key_scale, qlab, self_index, b, m),
-        FUSED_REDUCE=_FUSED_REDUCE,
-        **meta,
-    )
+    with on_device(qs):
+        _fwd_kernel[grid](
+            *_kernel_args(qs, keys, key_scale, qid, kid, qlab, klab, self_index), out,
+            b, m, d, b * d, splits,
+            **_flags(keys, key_scale, qlab, self_index, b, m),
+            FUSED_REDUCE=_FUSED_REDUCE,
+            **meta,
+        )
     if splits == 1:
         return out[0]
     # Merge the key ranges: lse over the partial lse's (all -inf stays -inf), sums add up.
@@ -516,11 +517,12 @@ def info_nce_backward(qs, keys, key_scale, qid, kid, qlab, klab, self_index, lse
     def grid(META):
         return (triton.cdiv(b, META["BLOCK_B"]), triton.cdiv(d, META["BLOCK_DO"]), splits)
 
-    _bwd_kernel[grid](
-        *_kernel_args(qs, keys, key_scale, qid, kid, qlab, klab, self_index), lse, coef, out,
-        b, m, d, b * d, splits,
-        **_flags(keys, key_scale, qlab, self_index, b, m),
-        G_LIMIT=_G_LIMIT if (keys.dtype == torch.float16 and key_scale is not None) else 0.0,
-        **meta,
-    )
+    with on_device(qs):
+        _bwd_kernel[grid](
+            *_kernel_args(qs, keys, key_scale, qid, kid, qlab, klab, self_index), lse, coef, out,
+            b, m, d, b * d, splits,
+            **_flags(keys, key_scale, qlab, self_index, b, m),
+            G_LIMIT=_G_LIMIT if (keys.dtype == torch.float16 and key_scale is not None) else 0.0,
+            **meta,
+        )
     return out[0] if splits == 1 else out.sum(0)

@@ -13,12 +13,13 @@ input dtype so that fp16/bf16 use tensor cores.
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from ._common import INTERPRET as _INTERPRET, autotuned, fit_configs, on_device
 
 __all__ = [
     "masked_linear_forward",
@@ -26,18 +27,13 @@ __all__ = [
     "masked_linear_grad_weight",
 ]
 
-# The interpreter has no autotuner and a high per-program cost, so it gets a
-# single fixed config (read at launch time so it can be overridden).
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# The interpreter gets a single fixed config (read at launch time so it can be overridden).
 _INTERPRET_META = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}
 
 # Mask kinds (compile-time specialisation).
 _MASK_NONE = 0
 _MASK_BINARY = 1  # uint8 (or bool viewed as uint8) holding 0/1
 _MASK_FLOAT = 2  # multiplicative factor in the weight's dtype
-
-# Conservative shared-memory budget used to prune configs (H100 allows ~227 KiB).
-_SMEM_BUDGET = 200 * 1024
 
 
 # ---------------------------------------------------------------------------
@@ -99,43 +95,27 @@ def _make_prune(kernel: str, layout_dims: Tuple[str, ...]):
         block = int(args["BLOCK_SIZE"])
         has_layout = bool(args["HAS_LAYOUT"])
         elsize = args["ELEM_BYTES"]
-        seen = set()
-        out = []
-        for c in configs:
-            meta = dict(c.kwargs)
+
+        def clamp(meta):
             if has_layout:
                 for d in layout_dims:
                     meta[d] = min(meta[d], block)
-            stages = c.num_stages
-            per_stage = _operand_elems(kernel, meta) * elsize
-            while stages > 2 and stages * per_stage > _SMEM_BUDGET:
-                stages -= 1
-            if stages * per_stage > _SMEM_BUDGET:
-                continue
-            key = (tuple(sorted(meta.items())), c.num_warps, stages)
-            if key in seen:
-                continue
-            seen.add(key)
-            out.append(triton.Config(meta, num_warps=c.num_warps, num_stages=stages))
-        if not out:
-            out.append(_cfg(32, min(32, block) if has_layout else 32,
-                            min(32, block) if has_layout else 32, 4, 2))
-        return out
+            return meta
+
+        small = min(32, block) if has_layout else 32
+        return fit_configs(configs, clamp,
+                           lambda meta, stages: stages * _operand_elems(kernel, meta) * elsize,
+                           _cfg(32, small, small, 4, 2))
 
     return prune
 
 
-_MM_KEY = ["M_BUCKET", "N", "K", "BLOCK_SIZE", "HAS_LAYOUT", "MASK_KIND"]
+# fp32 inputs compile to different dots under tf32 and ieee: tune them separately.
+_MM_KEY = ["M_BUCKET", "N", "K", "BLOCK_SIZE", "HAS_LAYOUT", "MASK_KIND", "DOT_PRECISION"]
 
 
 def _tuned(kernel: str, configs, layout_dims, extra_key=()):
-    if _INTERPRET:
-        return lambda fn: fn
-    return triton.autotune(
-        configs=configs,
-        key=_MM_KEY + list(extra_key),
-        prune_configs_by={"early_config_prune": _make_prune(kernel, layout_dims)},
-    )
+    return autotuned(configs, _MM_KEY + list(extra_key), _make_prune(kernel, layout_dims))
 
 
 # ---------------------------------------------------------------------------
@@ -153,6 +133,36 @@ def _grouped_tile(pid, num_pid_a, num_pid_b, GROUP: tl.constexpr):
     pid_a = first_a + ((pid % num_in_group) % group_size)
     pid_b = (pid % num_in_group) // group_size
     return pid_a, pid_b
+
+
+@triton.jit
+def _reduction_range(ptr, tile_start, n, HAS_LAYOUT: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                     TILE: tl.constexpr):
+    # (first list entry, number of TILE-wide reduction steps) of the output tile starting at
+    # tile_start. With a layout the tile lies inside one block row (CSR) or column (CSC): only
+    # its live blocks, listed from ptr[blk], are walked, each in BLOCK_SIZE // TILE sub-tiles.
+    # Dense: all of 0..n.
+    if HAS_LAYOUT:
+        blk = tile_start // BLOCK_SIZE
+        start = tl.load(ptr + blk)
+        n_iter = (tl.load(ptr + blk + 1) - start) * (BLOCK_SIZE // TILE)
+    else:
+        start = 0
+        n_iter = tl.cdiv(n, TILE)
+    return start, n_iter
+
+
+@triton.jit
+def _reduction_offsets(idx_ptr, start, it, HAS_LAYOUT: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                       TILE: tl.constexpr):
+    # Reduction indices of step `it` of _reduction_range's walk (idx_ptr: the block list).
+    if HAS_LAYOUT:
+        SUB = BLOCK_SIZE // TILE
+        blk = tl.load(idx_ptr + start + it // SUB)
+        r0 = blk * BLOCK_SIZE + (it % SUB) * TILE
+    else:
+        r0 = it * TILE
+    return r0 + tl.arange(0, TILE)
 
 
 @triton.jit
@@ -197,25 +207,10 @@ def _fwd_kernel(
     m_ok = offs_m < M
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
 
-    if HAS_LAYOUT:
-        # The n-tile lies inside one block row; walk only its live k-blocks,
-        # each split into BLOCK_SIZE // BLOCK_K sub-tiles.
-        KSUB = BLOCK_SIZE // BLOCK_K
-        brow = (pid_n * BLOCK_N) // BLOCK_SIZE
-        start = tl.load(row_ptr + brow)
-        end = tl.load(row_ptr + brow + 1)
-        n_iter = (end - start) * KSUB
-    else:
-        n_iter = tl.cdiv(K, BLOCK_K)
-
+    start, n_iter = _reduction_range(row_ptr, pid_n * BLOCK_N, K, HAS_LAYOUT, BLOCK_SIZE, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for it in range(0, n_iter):
-        if HAS_LAYOUT:
-            kb = tl.load(col_idx + start + it // KSUB)
-            k0 = kb * BLOCK_SIZE + (it % KSUB) * BLOCK_K
-        else:
-            k0 = it * BLOCK_K
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+        offs_k = _reduction_offsets(col_idx, start, it, HAS_LAYOUT, BLOCK_SIZE, BLOCK_K)
         a = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & (offs_k[None, :] < K), other=0.0)
         w = _load_weight_tile(w_ptr, mask_ptr, offs_n, offs_k, N, K, stride_wn, MASK_KIND)
         acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PRECISION)
@@ -254,25 +249,10 @@ def _grad_input_kernel(
     m_ok = offs_m < M
     g_rows = g_ptr + offs_m[:, None].to(tl.int64) * stride_gm
 
-    if HAS_LAYOUT:
-        # The k-tile lies inside one block column; walk only its live
-        # n-blocks (CSC), each split into BLOCK_SIZE // BLOCK_N sub-tiles.
-        NSUB = BLOCK_SIZE // BLOCK_N
-        bcol = (pid_k * BLOCK_K) // BLOCK_SIZE
-        start = tl.load(col_ptr + bcol)
-        end = tl.load(col_ptr + bcol + 1)
-        n_iter = (end - start) * NSUB
-    else:
-        n_iter = tl.cdiv(N, BLOCK_N)
-
+    start, n_iter = _reduction_range(col_ptr, pid_k * BLOCK_K, N, HAS_LAYOUT, BLOCK_SIZE, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for it in range(0, n_iter):
-        if HAS_LAYOUT:
-            nb = tl.load(row_idx + start + it // NSUB)
-            n0 = nb * BLOCK_SIZE + (it % NSUB) * BLOCK_N
-        else:
-            n0 = it * BLOCK_N
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_n = _reduction_offsets(row_idx, start, it, HAS_LAYOUT, BLOCK_SIZE, BLOCK_N)
         g = tl.load(g_rows + offs_n[None, :], mask=m_ok[:, None] & (offs_n[None, :] < N), other=0.0)
         w = _load_weight_tile(w_ptr, mask_ptr, offs_n, offs_k, N, K, stride_wn, MASK_KIND)
         acc = tl.dot(g, w, acc, input_precision=DOT_PRECISION)
@@ -410,20 +390,30 @@ def _m_bucket(m: int) -> int:
     return triton.next_power_of_2(max(int(m), 1))
 
 
-def _tile_meta(has_layout: bool, block_size: int, layout_dims: Tuple[str, ...]) -> dict:
-    """Fixed launch meta for the interpreter (empty when autotuning)."""
-    if not _INTERPRET:
-        return {}
-    meta = dict(_INTERPRET_META)
-    if has_layout:
-        for d in layout_dims:
-            meta[d] = min(meta[d], block_size)
-    return meta
-
-
-def _layout_block(has_layout: bool, block_size) -> int:
+def _launch_flags(operand, mask, layout_ptr, block_size) -> dict:
+    """Constexpr flags shared by the three kernels (plus the fixed tiles under the interpreter)."""
+    has_layout = layout_ptr is not None
     # 0 when dense so the (ignored) block size does not split compile caches.
-    return int(block_size) if has_layout else 0
+    bs = int(block_size) if has_layout else 0
+    flags = dict(
+        ELEM_BYTES=operand.element_size(),
+        BLOCK_SIZE=bs,
+        HAS_LAYOUT=has_layout,
+        MASK_KIND=_mask_kind(mask),
+        DOT_PRECISION=_dot_precision(operand.dtype),
+    )
+    if _INTERPRET:
+        flags.update(_INTERPRET_META)
+        if has_layout:
+            # Tiles inside one block (the autotune prune does the same on GPUs).
+            flags["BLOCK_N"] = min(flags["BLOCK_N"], bs)
+            flags["BLOCK_K"] = min(flags["BLOCK_K"], bs)
+    return flags
+
+
+def _tile_grid(rows: int, row_tile: str, cols: int, col_tile: str):
+    """1-D launch grid over the tiles of a rows x cols output (tile sizes named in META)."""
+    return lambda META: (triton.cdiv(rows, META[row_tile]) * triton.cdiv(cols, META[col_tile]),)
 
 
 def masked_linear_forward(x, weight, mask, bias, row_ptr, col_idx, block_size) -> torch.Tensor:
@@ -439,31 +429,20 @@ def masked_linear_forward(x, weight, mask, bias, row_ptr, col_idx, block_size) -
             y += bias
         return y
 
-    has_layout = row_ptr is not None
-    bs = _layout_block(has_layout, block_size)
     mask = _as_kernel_mask(mask)
-    meta = _tile_meta(has_layout, bs, ("BLOCK_N", "BLOCK_K"))
-
-    def grid(META):
-        return (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
-
-    _fwd_kernel[grid](
-        x, weight,
-        mask if mask is not None else weight,
-        bias if bias is not None else weight,
-        y,
-        row_ptr if has_layout else weight,
-        col_idx if has_layout else weight,
-        M, N, K, _m_bucket(M),
-        x.stride(0), weight.stride(0), y.stride(0),
-        ELEM_BYTES=x.element_size(),
-        BLOCK_SIZE=bs,
-        HAS_LAYOUT=has_layout,
-        MASK_KIND=_mask_kind(mask),
-        HAS_BIAS=bias is not None,
-        DOT_PRECISION=_dot_precision(x.dtype),
-        **meta,
-    )
+    with on_device(x):
+        _fwd_kernel[_tile_grid(M, "BLOCK_M", N, "BLOCK_N")](
+            x, weight,
+            mask if mask is not None else weight,
+            bias if bias is not None else weight,
+            y,
+            row_ptr if row_ptr is not None else weight,
+            col_idx if row_ptr is not None else weight,
+            M, N, K, _m_bucket(M),
+            x.stride(0), weight.stride(0), y.stride(0),
+            HAS_BIAS=bias is not None,
+            **_launch_flags(x, mask, row_ptr, block_size),
+        )
     return y
 
 
@@ -477,29 +456,18 @@ def masked_linear_grad_input(grad_out, weight, mask, col_ptr, row_idx, block_siz
     if N == 0:
         return dx.zero_()
 
-    has_layout = col_ptr is not None
-    bs = _layout_block(has_layout, block_size)
     mask = _as_kernel_mask(mask)
-    meta = _tile_meta(has_layout, bs, ("BLOCK_N", "BLOCK_K"))
-
-    def grid(META):
-        return (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(K, META["BLOCK_K"]),)
-
-    _grad_input_kernel[grid](
-        grad_out, weight,
-        mask if mask is not None else weight,
-        dx,
-        col_ptr if has_layout else weight,
-        row_idx if has_layout else weight,
-        M, N, K, _m_bucket(M),
-        grad_out.stride(0), weight.stride(0), dx.stride(0),
-        ELEM_BYTES=grad_out.element_size(),
-        BLOCK_SIZE=bs,
-        HAS_LAYOUT=has_layout,
-        MASK_KIND=_mask_kind(mask),
-        DOT_PRECISION=_dot_precision(grad_out.dtype),
-        **meta,
-    )
+    with on_device(grad_out):
+        _grad_input_kernel[_tile_grid(M, "BLOCK_M", K, "BLOCK_K")](
+            grad_out, weight,
+            mask if mask is not None else weight,
+            dx,
+            col_ptr if col_ptr is not None else weight,
+            row_idx if col_ptr is not None else weight,
+            M, N, K, _m_bucket(M),
+            grad_out.stride(0), weight.stride(0), dx.stride(0),
+            **_launch_flags(grad_out, mask, col_ptr, block_size),
+        )
     return dx
 
 
@@ -531,33 +499,25 @@ def masked_linear_grad_weight(
             dm.zero_()
         return dw, dm
 
-    has_layout = row_ptr is not None
-    bs = _layout_block(has_layout, block_size)
     kmask = _as_kernel_mask(mask)
-    meta = _tile_meta(has_layout, bs, ("BLOCK_N", "BLOCK_K"))
+    flags = _launch_flags(x, kmask, row_ptr, block_size)
+    has_layout, bs = flags["HAS_LAYOUT"], flags["BLOCK_SIZE"]
     search_iters = max(1, triton.cdiv(K, bs).bit_length()) if has_layout else 1
 
-    def grid(META):
-        return (triton.cdiv(N, META["BLOCK_N"]) * triton.cdiv(K, META["BLOCK_K"]),)
-
-    _grad_weight_kernel[grid](
-        grad_out, x, weight,
-        kmask if kmask is not None else weight,
-        dw if dw is not None else weight,
-        dm if dm is not None else weight,
-        row_ptr if has_layout else weight,
-        col_idx if has_layout else weight,
-        M, N, K, _m_bucket(M),
-        grad_out.stride(0), x.stride(0), weight.stride(0),
-        ELEM_BYTES=x.element_size(),
-        BLOCK_SIZE=bs,
-        HAS_LAYOUT=has_layout,
-        COMPUTE_DEAD=need_mask_grad or not has_layout,
-        SEARCH_ITERS=search_iters,
-        MASK_KIND=_mask_kind(kmask),
-        NEED_DW=need_weight_grad,
-        NEED_DM=need_mask_grad,
-        DOT_PRECISION=_dot_precision(x.dtype),
-        **meta,
-    )
+    with on_device(x):
+        _grad_weight_kernel[_tile_grid(N, "BLOCK_N", K, "BLOCK_K")](
+            grad_out, x, weight,
+            kmask if kmask is not None else weight,
+            dw if dw is not None else weight,
+            dm if dm is not None else weight,
+            row_ptr if has_layout else weight,
+            col_idx if has_layout else weight,
+            M, N, K, _m_bucket(M),
+            grad_out.stride(0), x.stride(0), weight.stride(0),
+            COMPUTE_DEAD=need_mask_grad or not has_layout,
+            SEARCH_ITERS=search_iters,
+            NEED_DW=need_weight_grad,
+            NEED_DM=need_mask_grad,
+            **flags,
+        )
     return dw, dm

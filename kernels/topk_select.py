@@ -19,12 +19,13 @@ Nothing waits for the host between launches. The first pass also counts the NaNs
 from __future__ import annotations
 
 import functools
-import os
 from typing import List, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from ._common import INTERPRET as _INTERPRET, on_device
 
 __all__ = ["kth_largest_rows"]
 
@@ -35,7 +36,6 @@ _SHIFTS = (24, 16, 8, 0)  # digit positions, most significant first
 # One fixed config each (no autotuning). GPUs: a chunk of several blocks per program, so the
 # private histogram is flushed to global memory once per 8192 elements. The interpreter pays
 # per operation, not per element: large blocks, and two of them so the loop is exercised.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _META = {"BLOCK": 4096, "ITERS": 2} if _INTERPRET else {"BLOCK": 2048, "ITERS": 4, "num_warps": 8}
 
 _MAX_GRID_DIM = 65535  # limit of grid dimensions 1 and 2
@@ -179,11 +179,12 @@ def kth_largest_rows(tensors: Sequence[torch.Tensor], rows: Sequence[int], ks: S
             e = min(len(ptrs), s + _MAX_GRID_DIM)
             launches.append((_TL_DTYPES[dtype], (chunks, e - s), ptr_t[s:e], numel_t[s:e], row_t[s:e]))
 
-    for p, shift in enumerate(_SHIFTS):
-        for tl_dtype, grid, ptr_t, numel_t, row_t in launches:
-            _histogram_kernel[grid](ptr_t, numel_t, row_t, prefix, hist[p], nan_counts,
-                                    DTYPE=tl_dtype, SHIFT=shift, FIRST=p == 0, NUM_BINS=_NUM_BINS,
-                                    HIGH=shift + _RADIX_BITS, **_META)
-        _select_kernel[(n_rows,)](hist[p], k, prefix, out, SHIFT=shift, LAST=p == len(_SHIFTS) - 1,
-                                  NUM_BINS=_NUM_BINS)
+    with on_device(work):
+        for p, shift in enumerate(_SHIFTS):
+            for tl_dtype, grid, ptr_t, numel_t, row_t in launches:
+                _histogram_kernel[grid](ptr_t, numel_t, row_t, prefix, hist[p], nan_counts,
+                                        DTYPE=tl_dtype, SHIFT=shift, FIRST=p == 0, NUM_BINS=_NUM_BINS,
+                                        HIGH=shift + _RADIX_BITS, **_META)
+            _select_kernel[(n_rows,)](hist[p], k, prefix, out, SHIFT=shift, LAST=p == len(_SHIFTS) - 1,
+                                      NUM_BINS=_NUM_BINS)
     return out, nan_counts

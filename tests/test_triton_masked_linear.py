@@ -7,11 +7,9 @@ poisoned with NaN so that unwritten output elements are caught.
 """
 
 import contextlib
-import importlib.util
 import math
 import os
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,13 +17,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-try:
-    from capkit.kernels import masked_linear as tk
-except ImportError:
-    _path = Path(__file__).resolve().parents[1] / "kernels" / "masked_linear.py"
-    _spec = importlib.util.spec_from_file_location("_capkit_masked_linear", _path)
-    tk = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(tk)
+triton = pytest.importorskip("triton")
+
+from capkit.kernels import masked_linear as tk  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
