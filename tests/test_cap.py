@@ -205,6 +205,9 @@ def test_resume_gives_the_same_result(tiny, tmp_path, monkeypatch):
     assert state["global_step"] == 6 and state["train_seconds"] > 0
     resumed = _run(_cfg(tiny, tmp_path / "b", save_every=2, resume=True), teacher=teacher)
     assert resumed["train_seconds"] >= round(state["train_seconds"], 1)  # the interrupted part counts too
+    del state["train_seconds"]  # a checkpoint from before training times were recorded: time unknown, not 0
+    torch.save(state, tmp_path / "b" / "checkpoint.pt")
+    assert _run(_cfg(tiny, tmp_path / "b", save_every=2, resume=True), teacher=teacher)["train_seconds"] is None
     assert resumed["pruned"]["metrics"] == straight["pruned"]["metrics"]
     a = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "a" / "model-dense").state_dict()
     b = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "b" / "model-dense").state_dict()

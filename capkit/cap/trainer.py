@@ -208,7 +208,8 @@ class CAPRun:
         self.pruner = None
         self.structured_masks = None
         self.iteration = 0
-        self.train_seconds = 0.0  # wall time spent training, summed over resumed segments
+        # wall time spent training, summed over resumed segments (None: a checkpoint did not record it)
+        self.train_seconds: Optional[float] = 0.0
         self._clock: Optional[float] = None
         self._interrupted = False
         self._log_file = None
@@ -443,8 +444,10 @@ class CAPRun:
             atomic_torch_save(state, self._checkpoint_path())
         dist.barrier()
 
-    def _train_time(self) -> float:
+    def _train_time(self) -> Optional[float]:
         """Seconds of training so far, this process's and those of the runs it resumed."""
+        if self.train_seconds is None:
+            return None
         return self.train_seconds + (0.0 if self._clock is None else time.perf_counter() - self._clock)
 
     def _load_checkpoint(self) -> Optional[dict]:
@@ -716,7 +719,7 @@ class CAPRun:
             self.batch_in_epoch, self.iteration = state["batch_in_epoch"], state["iteration"]
             self.history = state["history"]
             self.negatives.set_state(state["negatives"])
-            self.train_seconds = float(state.get("train_seconds", 0.0))
+            self.train_seconds = state.get("train_seconds")  # None from checkpoints that predate it
             _log(f"resuming from step {self.global_step} (epoch {self.epoch + 1}, batch {self.batch_in_epoch})")
         else:
             self._setup_banks()
