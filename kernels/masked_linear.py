@@ -102,10 +102,17 @@ def _make_prune(kernel: str, layout_dims: Tuple[str, ...]):
                     meta[d] = min(meta[d], block)
             return meta
 
+        # forward and dx stream a mask tile beside each weight tile (grad_weight reads it once, at the end)
+        mask = args.get("mask_ptr")
+        mask_bytes = (mask.element_size() if kernel != "gw" and int(args["MASK_KIND"]) != _MASK_NONE
+                      and isinstance(mask, torch.Tensor) else 0)
+
+        def smem_bytes(meta, stages):
+            mask_tile = meta["BLOCK_N"] * meta["BLOCK_K"] * mask_bytes
+            return stages * (_operand_elems(kernel, meta) * elsize + mask_tile)
+
         small = min(32, block) if has_layout else 32
-        return fit_configs(configs, clamp,
-                           lambda meta, stages: stages * _operand_elems(kernel, meta) * elsize,
-                           _cfg(32, small, small, 4, 2))
+        return fit_configs(configs, clamp, smem_bytes, _cfg(32, small, small, 4, 2))
 
     return prune
 

@@ -431,3 +431,30 @@ def test_bf16_gpu(b, mask_kind):
 def test_large_gpu(b, dtype):
     run_all(4096, 3072, 768, dtype, "bool", 41, b=b)
     run_all(769, 768, 3072, dtype, "float", 42, b=b)
+
+
+# ---------------------------------------------------------------------------
+# autotune pruning (host code: runs the same everywhere, the autotuner itself only on GPUs)
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kernel", ["fwd", "dx", "gw"])
+@pytest.mark.parametrize("mask_dtype", [None, torch.uint8, torch.float32])
+@pytest.mark.parametrize("elem_bytes", [2, 4])
+def test_autotune_prune_keeps_shared_memory_in_budget(kernel, mask_dtype, elem_bytes):
+    from capkit.kernels._common import SMEM_BUDGET
+
+    configs = tk._GW_CONFIGS if kernel == "gw" else tk._MM_CONFIGS
+    mask = None if mask_dtype is None else torch.empty(4, dtype=mask_dtype)
+    kind = tk._mask_kind(mask)
+    args = {"BLOCK_SIZE": 0, "HAS_LAYOUT": False, "ELEM_BYTES": elem_bytes, "MASK_KIND": kind,
+            "mask_ptr": mask if mask is not None else torch.empty(4)}
+    kept = tk._make_prune(kernel, ("BLOCK_N", "BLOCK_K"))(configs, args)
+    assert kept and all(c.num_stages >= 2 for c in kept)
+    mask_bytes = 0 if (mask is None or kernel == "gw") else mask.element_size()
+    for c in kept:  # the mask tile that forward and dx stream beside the weight tile counts too
+        m = c.kwargs
+        need = c.num_stages * (tk._operand_elems(kernel, m) * elem_bytes + m["BLOCK_N"] * m["BLOCK_K"] * mask_bytes)
+        assert need <= SMEM_BUDGET, (m, c.num_stages, need)
+    if kernel == "fwd" and elem_bytes == 4 and mask_dtype == torch.float32:
+        plain = tk._make_prune(kernel, ("BLOCK_N", "BLOCK_K"))(configs, {**args, "MASK_KIND": 0})
+        assert sum(c.num_stages for c in kept) < sum(c.num_stages for c in plain)  # the mask costs stages
