@@ -433,3 +433,21 @@ def test_step_bound_from_the_reference_phases():
     # 120 ms of reference phases, 30 of them the sort: 120 / (120 - 30 + 2) = 1.30x
     assert "25% of its phases" in text and "1.30×" in text
     assert _step_bound({"rows": rows[:1]}) == ""  # no capkit row: nothing to say
+
+
+def test_cpu_timing_takes_a_median_of_several_calls_even_for_long_ones():
+    import time
+
+    import torch
+
+    from benchmarks.harness import MIN_SAMPLES, time_fn
+
+    calls = []
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.03)
+
+    t = time_fn(slow, torch.device("cpu"), min_run_time=0.01)  # one call is longer than the budget
+    assert t["n"] >= MIN_SAMPLES and len(calls) >= MIN_SAMPLES + 1  # + the warm-up call
+    assert 0.025 < t["median_s"] < 0.5 and t["min_s"] <= t["median_s"]
