@@ -296,7 +296,7 @@ def _fwd_kernel(
         m_i = m_new
 
     lse = tl.where(l_i > 0, m_i + tl.log(tl.maximum(l_i, 1e-30)), float("-inf"))
-    out = out_ptr + (pid_s * B + offs_b).to(tl.int64) * 5
+    out = out_ptr + (pid_s.to(tl.int64) * B + offs_b) * 5
     tl.store(out + 0, lse, mask=b_ok)
     tl.store(out + 1, sum_u, mask=b_ok)
     tl.store(out + 2, cnt_u, mask=b_ok)
@@ -377,7 +377,7 @@ def _bwd_kernel(
         acc = _dot_split(g, k, acc, N_PARTS, DOT_PRECISION)
 
     acc = acc * g_mul[:, None]
-    out = out_ptr + (pid_s * B + offs_b[:, None]).to(tl.int64) * D + offs_do[None, :]
+    out = out_ptr + (pid_s.to(tl.int64) * B + offs_b[:, None]) * D + offs_do[None, :]
     tl.store(out, acc, mask=b_ok[:, None] & do_ok[None, :])
 
 
