@@ -53,3 +53,36 @@ def test_dispatch_table_is_valid():
         assert rule["backend"] in _backends.BACKENDS
         assert rule["mode"] in ("training", "inference")
         assert rule["mask_kind"] in ("none", "dense", "block", "nm")
+
+
+def test_checkout_kernels_folder_does_not_shadow_the_kernels_distribution():
+    # With the repository root on sys.path (python -m from a checkout), `import kernels` finds the
+    # kernels/ folder (capkit.kernels). transformers 5 imports the Hugging Face `kernels` package under
+    # that name; the folder must hand the name over, or fail as a missing module when there is none.
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import kernels; "
+             "print(kernels.__file__); import capkit.kernels as k; print(k.__name__)")
+    out = subprocess.run([sys.executable, "-c", probe, root], capture_output=True, text=True, cwd=root)
+    # where `kernels` comes from outside the checkout (nowhere, without the distribution)
+    real = subprocess.run([sys.executable, "-c", "import kernels; print(kernels.__file__)"],
+                          capture_output=True, text=True, cwd="/")
+    if real.returncode == 0:
+        assert out.returncode == 0, out.stderr
+        path, name = out.stdout.split()
+        assert Path(path).resolve() == Path(real.stdout.strip()).resolve() != Path(root, "kernels", "__init__.py")
+        assert name == "capkit.kernels"
+    else:
+        assert out.returncode != 0 and "ModuleNotFoundError: No module named 'kernels'" in out.stderr
+    # without site-packages no distribution is there: a plain ModuleNotFoundError names the module
+    gone = subprocess.run([sys.executable, "-S", "-c",
+                           "import sys; sys.path.insert(0, sys.argv[1])\n"
+                           "try:\n    import kernels\nexcept ModuleNotFoundError as e:\n"
+                           "    print(e.name, 'kernels' in sys.modules)",
+                           root], capture_output=True, text=True, cwd="/")
+    assert gone.returncode == 0 and gone.stdout.split() == ["kernels", "False"], gone.stdout + gone.stderr
+    if subprocess.run([sys.executable, "-c", "import transformers"], cwd="/").returncode == 0:
+        bert = subprocess.run([sys.executable, "-c", "import transformers; transformers.BertModel; print('ok')"],
+                              capture_output=True, text=True, cwd=root)
+        assert bert.returncode == 0 and bert.stdout.strip() == "ok", bert.stderr[-2000:]
