@@ -114,9 +114,14 @@ def report_only(out: Path, kinds: List[bool]) -> int:
         rows = []
         for name in names:
             data = mine.get(name)
-            failed = [f for f in (data or {}).get("failures", []) if not str(f.get("error", "")).startswith("skipped")]
+            errors = [str(f.get("error", "")) for f in (data or {}).get("failures", [])]
+            # "skipped" (not applicable here) and "not run" (left out on purpose, e.g. --collect) are no failures
+            failed = [e for e in errors if not e.startswith(("skipped", "not run"))]
+            not_run = sum(e.startswith("not run") for e in errors)
             status = ("no results file" if data is None else
                       f"{len(failed)} failure(s) recorded (see its section)" if failed else "ok")
+            if data is not None and not_run:
+                status += f"; {not_run} case(s) not run (see its section)"
             rows.append({"benchmark": name, "status": status, "measures": BENCHMARKS.get(name, ""),
                          "date": (data or {}).get("machine", {}).get("date", "")})
         newest = max((d.get("machine", {}) for d in mine.values()), key=lambda m: str(m.get("date", "")))

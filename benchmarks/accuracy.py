@@ -231,9 +231,16 @@ def aggregate(rows: List[Dict]) -> Tuple[List[Dict], List[Dict]]:
         spreads = [s for s in (g["pruned_std"], other["pruned_std"]) if s is not None]
         margin = g["pruned_mean"] - other["pruned_mean"]
         spread = max(spreads) if len(spreads) == 2 else None
+        # the same seed shares its teacher, training subset and data order: compare seed by seed too
+        base = {r["seed"]: r["pruned"] for r in groups[(task, other["method"])] if r.get("pruned") is not None}
+        paired = sorted((r["seed"], r["pruned"] - base[r["seed"]]) for r in groups[(task, spec)]
+                        if r.get("pruned") is not None and r["seed"] in base)
+        diff_mean, diff_std = _stats([d for _, d in paired])
         comparisons.append({"task": task, "method": spec, "baseline": other["method"], "n": min(g["n"], other["n"]),
                             "margin": margin, "spread": spread,
-                            "margin_over_spread": None if not spread else margin / spread})
+                            "margin_over_spread": None if not spread else margin / spread,
+                            "paired_seeds": [seed for seed, _ in paired], "paired_diffs": [d for _, d in paired],
+                            "paired_mean": diff_mean, "paired_std": diff_std})
     return out, comparisons
 
 
@@ -267,6 +274,11 @@ def summary_markdown(result: Dict) -> str:
                    f"(larger standard deviation {100 * c['spread']:.2f} points)")
         lines += ["", f"- {c['task']}: {c['method']} − {c['baseline']} = {100 * c['margin']:+.2f} points over "
                       f"{c['n']} seed(s), {verdict}."]
+        if c.get("paired_diffs"):
+            diffs = ", ".join(f"{100 * d:+.1f}" for d in c["paired_diffs"])
+            lines[-1] += (f" Seed by seed ({', '.join(map(str, c['paired_seeds']))}): {diffs} points, "
+                          f"mean {_pm(c['paired_mean'], c['paired_std'], digits=2)}; ahead on "
+                          f"{sum(d > 0 for d in c['paired_diffs'])} of {len(c['paired_diffs'])}.")
     rows = [{**r, "dense": None if r["dense"] is None else 100 * r["dense"],
              "pruned": None if r["pruned"] is None else 100 * r["pruned"],
              "sparsity": None if r["sparsity"] is None else 100 * r["sparsity"]} for r in result["rows"]]

@@ -325,6 +325,26 @@ def test_report_survives_missing_benchmarks_fields_and_matplotlib(tmp_path, monk
     assert "pip install capkit[bench]" in (tmp_path / "report.md").read_text()
 
 
+def test_report_status_tells_failures_from_cases_not_run(tmp_path):
+    import json
+
+    import benchmarks.__main__ as runner
+
+    _synthetic(tmp_path, suffix="")
+    cases = {"masked_linear": ["not run (--collect)", "not run (--collect)"],
+             "info_nce": ["not run (--collect)", "RuntimeError('boom')"],
+             "mask_threshold": ["skipped: no GPU"]}
+    for name, errors in cases.items():
+        data = json.loads((tmp_path / f"{name}.json").read_text())
+        data["failures"] = [{"error": e} for e in errors]
+        (tmp_path / f"{name}.json").write_text(json.dumps(data))
+    assert runner.main(["--report-only", "--full", "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "| masked_linear | ok; 2 case(s) not run (see its section) |" in report
+    assert "| info_nce | 1 failure(s) recorded (see its section); 1 case(s) not run (see its section) |" in report
+    assert "| mask_threshold | ok |" in report
+
+
 def test_accuracy_rows_read_pruning_reports(tmp_path):
     from benchmarks import targets
 
@@ -363,6 +383,17 @@ def test_accuracy_targets_from_seeded_runs(tmp_path):
     assert capm["kept_mean"] == pytest.approx((0.88 / 0.91 + 0.89 / 0.91 + 0.90 / 0.92) / 3)
     (c,) = comparisons
     assert (c["baseline"], c["margin"], c["spread"]) == ("movement@0.9", pytest.approx(0.08), pytest.approx(0.01))
+    # seed by seed: cap-m 0.88, 0.89, 0.90 against movement 0.80, 0.82, 0.81
+    assert c["paired_seeds"] == [1, 2, 3] and c["paired_diffs"] == pytest.approx([0.08, 0.07, 0.09])
+    assert (c["paired_mean"], c["paired_std"]) == (pytest.approx(0.08), pytest.approx(0.01))
+    from benchmarks.accuracy import summary_markdown
+
+    text = summary_markdown({"machine": _machine(), "settings": [], "seeds": [1, 2, 3], "rows": [], "groups": [],
+                             "comparisons": comparisons, "failures": []})
+    assert "Seed by seed (1, 2, 3): +8.0, +7.0, +9.0 points, mean 8.00 ± 1.00; ahead on 3 of 3." in text
+    # a seed that only one method finished is left out of the pairs
+    (c,) = aggregate(runs[:2] + runs[3:])[1]
+    assert c["paired_seeds"] == [1, 2]
 
     def judged(runs):
         groups, comparisons = aggregate(runs)
