@@ -132,7 +132,7 @@ def _row(task: str, seed: int, spec: str, report: Dict, seconds: Optional[float]
         "latency_format": latency.get("format"),
         "train_s": report.get("train_seconds"),  # training time, as the run recorded it (resumes summed)
         "run_s": None if seconds is None else round(seconds, 1),  # this call's wall time (None: read back)
-        "teacher_s": None if teacher_seconds is None else round(teacher_seconds, 1),
+        "teacher_s": None if teacher_seconds is None else round(teacher_seconds, 3),
         "report": (out / "report.json").relative_to(base).as_posix(),
     }
 

@@ -59,7 +59,7 @@ def write_report(run) -> dict:
         "pruned": {"metrics": pruned_metrics, "sparsity": sparsity.sparsity,
                    "heads_left": summary["heads_left"], "neurons_left": summary["neurons_left"],
                    "parameters": sparsity.parameters, "nonzero_parameters": sparsity.nonzero_parameters},
-        "train_seconds": None if run.train_seconds is None else round(run.train_seconds, 1),
+        "train_seconds": None if run.train_seconds is None else round(run.train_seconds, 3),  # a tiny run takes ms
         "exports": {}, "history": run.history, "device": str(run.device),
         "torch": torch.__version__, "capkit": capkit.__version__,
     }
