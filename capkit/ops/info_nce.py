@@ -29,7 +29,7 @@ from capkit.ops._backends import get_backend
 
 __all__ = ["info_nce", "info_nce_reference", "INFO_NCE_BACKENDS"]
 
-INFO_NCE_BACKENDS = ("torch", "triton", "cpu")
+INFO_NCE_BACKENDS = ("torch", "triton", "cuda", "cpu")
 _NORMALIZATIONS = ("cap", "mean")
 _EPS = 1e-12  # as F.normalize
 
@@ -133,15 +133,18 @@ def info_nce_reference(query, keys, query_ids, key_ids, *, query_labels=None, ke
 # + c softmax_ij.
 
 
-class _CpuStreaming:
-    """C++ kernels of capkit._C (torch.ops.capkit.info_nce_*)."""
+class _ExtensionStreaming:
+    """Kernels of capkit._C behind ``torch.ops.capkit.info_nce_*``: the C++ CPU kernels, or the CUDA
+    C++ ones (csrc/cuda/info_nce.cu) when the extension was built with CUDA; the dispatcher picks by
+    the tensors' device."""
 
-    name = "cpu"
+    def __init__(self, name: str, dispatch_key: str):
+        self.name, self._key = name, dispatch_key
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
-        why = get_backend("cpu").unavailable_reason(device)  # extension present, CPU tensors
-        if why is None and not hasattr(torch.ops.capkit, "info_nce_forward"):
-            why = "capkit._C was built without the info_nce kernels"
+        why = get_backend(self.name).unavailable_reason(device)  # extension present, tensors on its device
+        if why is None and not torch._C._dispatch_has_kernel_for_dispatch_key("capkit::info_nce_forward", self._key):
+            why = f"capkit._C was built without the {self.name} info_nce kernels"
         return why
 
     def forward(self, *args):
@@ -172,7 +175,8 @@ class _TritonStreaming:
         return self._module.info_nce_backward(*args)
 
 
-_STREAMING = {"triton": _TritonStreaming(), "cpu": _CpuStreaming()}
+_STREAMING = {"triton": _TritonStreaming(), "cuda": _ExtensionStreaming("cuda", "CUDA"),
+              "cpu": _ExtensionStreaming("cpu", "CPU")}
 
 
 class _InfoNCEFunction(torch.autograd.Function):
@@ -236,7 +240,7 @@ def info_nce(query, keys, query_ids, key_ids, *, query_labels=None, key_labels=N
             of numerator and denominator (-1: none).
         temperature: > 0. unsup_weight, sup_weight: term weights. normalization: "cap" or "mean".
         normalize: L2-normalise query and keys inside the op.
-        backend: "auto", "torch" (reference, materialises B x M), "triton", "cpu".
+        backend: "auto", "torch" (reference, materialises B x M), "triton", "cuda" (CUDA C++), "cpu".
     Returns:
         A scalar loss (float32, or float64 for float64 queries).
     """
@@ -267,7 +271,8 @@ def info_nce(query, keys, query_ids, key_ids, *, query_labels=None, key_labels=N
 
 
 def _choose(query: torch.Tensor) -> str:
-    # GPUs: the streaming Triton kernel, the only path that scales to large banks. CPUs: the C++
+    # GPUs: the streaming Triton kernel (tensor cores; the CUDA C++ kernels compute in fp32 on the
+    # CUDA cores and have no GPU timing yet to earn a place here). CPUs: the C++
     # streaming kernels, which beat the reference at every shape measured on the 2-core machine
     # (benchmarks/results/amd-epyc-2c/info_nce_quick.md, forward+backward): B 4 x M 64 x d 32
     # 1.48x, CAP's 32 x 4,200 x 768 1.62x, 256 x 65,536 x 768 2.25x; the reference for float64

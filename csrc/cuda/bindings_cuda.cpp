@@ -1,7 +1,7 @@
-// CUDA implementations of the capkit masked_linear ops (schemas are defined
-// in csrc/bindings.cpp).  Validates arguments, makes inputs contiguous,
-// allocates outputs and workspaces, and calls the launchers of
-// masked_linear.cu on the current stream.
+// CUDA implementations of the capkit masked_linear and info_nce ops (schemas
+// are defined in csrc/bindings.cpp).  Validates arguments, makes inputs
+// contiguous, allocates outputs and workspaces, and calls the launchers of
+// masked_linear.cu and info_nce.cu on the current stream.
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -12,6 +12,7 @@
 #include <optional>
 #include <tuple>
 
+#include "info_nce.cuh"
 #include "masked_linear.cuh"
 
 namespace capkit {
@@ -294,6 +295,136 @@ std::tuple<at::Tensor, at::Tensor> masked_linear_grad_weight_cuda(
   return {dW, dM};
 }
 
+// ---------------------------------------------------------------------------
+// info_nce: the checks shared by the forward and backward.  self_index values
+// are not range-checked here (that would need a device sync; capkit.ops does
+// it): the kernels only compare them with key positions, so a value outside
+// [0, M) leaves nothing out and is never used as an address.
+
+void check_vector(const char* op, const char* name, const at::Tensor& t, int64_t n,
+                  at::ScalarType dtype, const char* rows_of, const at::Device& device) {
+  TORCH_CHECK(t.is_cuda() && t.device() == device, op, ": ", name, " must be a CUDA tensor on ",
+              device, ", got ", t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must be a vector of length ", n,
+              " (one per row of ", rows_of, "), got shape ", t.sizes());
+}
+
+struct InfoNceInputs {
+  at::Tensor qs, keys;
+  std::optional<at::Tensor> key_scale, qlab, klab, self_index;
+  at::Tensor qid, kid;
+  cuda::InfoNceArgs args;
+};
+
+InfoNceInputs info_nce_inputs(const char* op, const at::Tensor& qs, const at::Tensor& keys,
+                              const std::optional<at::Tensor>& key_scale, const at::Tensor& qid,
+                              const at::Tensor& kid, const std::optional<at::Tensor>& qlab,
+                              const std::optional<at::Tensor>& klab,
+                              const std::optional<at::Tensor>& self_index) {
+  const at::Device device = qs.device();
+  check_matrix(op, "qs", qs, device);
+  TORCH_CHECK(qs.scalar_type() == at::kFloat, op, ": qs must be float32, got ", qs.scalar_type());
+  check_matrix(op, "keys", keys, device);
+  TORCH_CHECK(supported_dtype(keys.scalar_type()), op,
+              ": keys must be float32, float16 or bfloat16, got ", keys.scalar_type());
+  const int64_t B = qs.size(0), d = qs.size(1), M = keys.size(0);
+  TORCH_CHECK(keys.size(1) == d, op, ": keys must have ", d, " columns to match qs, got shape ",
+              keys.sizes());
+  if (key_scale.has_value())
+    check_vector(op, "key_scale", *key_scale, M, at::kFloat, "keys", device);
+  check_vector(op, "qid", qid, B, at::kLong, "qs", device);
+  check_vector(op, "kid", kid, M, at::kLong, "keys", device);
+  TORCH_CHECK(qlab.has_value() == klab.has_value(), op, ": qlab and klab must be given together");
+  if (qlab.has_value()) {
+    check_vector(op, "qlab", *qlab, B, at::kLong, "qs", device);
+    check_vector(op, "klab", *klab, M, at::kLong, "keys", device);
+  }
+  if (self_index.has_value())
+    check_vector(op, "self_index", *self_index, B, at::kLong, "qs", device);
+
+  InfoNceInputs in;
+  in.qs = qs.contiguous();
+  in.keys = keys.contiguous();
+  in.key_scale = opt_contiguous(key_scale);
+  in.qid = qid.contiguous();
+  in.kid = kid.contiguous();
+  in.qlab = opt_contiguous(qlab);
+  in.klab = opt_contiguous(klab);
+  in.self_index = opt_contiguous(self_index);
+  cuda::InfoNceArgs& a = in.args;
+  a.qs = in.qs.data_ptr<float>();
+  a.keys = in.keys.data_ptr();
+  a.key_type = keys.scalar_type() == at::kFloat  ? cuda::KeyType::F32
+               : keys.scalar_type() == at::kHalf ? cuda::KeyType::F16
+                                                 : cuda::KeyType::BF16;
+  a.key_scale = in.key_scale.has_value() ? in.key_scale->data_ptr<float>() : nullptr;
+  a.qid = in.qid.data_ptr<int64_t>();
+  a.kid = in.kid.data_ptr<int64_t>();
+  a.qlab = in.qlab.has_value() ? in.qlab->data_ptr<int64_t>() : nullptr;
+  a.klab = in.klab.has_value() ? in.klab->data_ptr<int64_t>() : nullptr;
+  a.self_index = in.self_index.has_value() ? in.self_index->data_ptr<int64_t>() : nullptr;
+  a.B = B;
+  a.M = M;
+  a.d = d;
+  return in;
+}
+
+void set_sm_count(cuda::InfoNceArgs& a, const at::Device& device) {
+  int sms = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device.index()) == cudaSuccess)
+    a.num_sms = sms;
+}
+
+at::Tensor info_nce_forward_cuda(const at::Tensor& qs, const at::Tensor& keys,
+                                 const std::optional<at::Tensor>& key_scale, const at::Tensor& qid,
+                                 const at::Tensor& kid, const std::optional<at::Tensor>& qlab,
+                                 const std::optional<at::Tensor>& klab,
+                                 const std::optional<at::Tensor>& self_index) {
+  constexpr const char* op = "capkit::info_nce_forward";
+  InfoNceInputs in = info_nce_inputs(op, qs, keys, key_scale, qid, kid, qlab, klab, self_index);
+  const c10::cuda::CUDAGuard guard(qs.device());
+  set_sm_count(in.args, qs.device());
+  at::Tensor stats = at::empty({in.args.B, 5}, qs.options());
+  if (in.args.B == 0) return stats;
+  const size_t bytes = cuda::info_nce_forward_workspace_bytes(in.args);
+  const at::Tensor ws = make_workspace(bytes, qs);
+  check_launch(op, cuda::info_nce_forward(in.args, stats.data_ptr<float>(),
+                                          ws.defined() ? ws.data_ptr() : nullptr, bytes,
+                                          c10::cuda::getCurrentCUDAStream()));
+  return stats;
+}
+
+at::Tensor info_nce_backward_cuda(const at::Tensor& qs, const at::Tensor& keys,
+                                  const std::optional<at::Tensor>& key_scale, const at::Tensor& qid,
+                                  const at::Tensor& kid, const std::optional<at::Tensor>& qlab,
+                                  const std::optional<at::Tensor>& klab,
+                                  const std::optional<at::Tensor>& self_index,
+                                  const at::Tensor& lse, const at::Tensor& coef) {
+  constexpr const char* op = "capkit::info_nce_backward";
+  InfoNceInputs in = info_nce_inputs(op, qs, keys, key_scale, qid, kid, qlab, klab, self_index);
+  const int64_t B = in.args.B;
+  check_vector(op, "lse", lse, B, at::kFloat, "qs", qs.device());
+  TORCH_CHECK(coef.is_cuda() && coef.device() == qs.device(), op, ": coef must be a CUDA tensor on ",
+              qs.device(), ", got ", coef.device());
+  TORCH_CHECK(coef.scalar_type() == at::kFloat, op, ": coef must be float32, got ", coef.scalar_type());
+  TORCH_CHECK(coef.dim() == 2 && coef.size(0) == B && coef.size(1) == 3, op,
+              ": coef must be [", B, ", 3], got shape ", coef.sizes());
+  const c10::cuda::CUDAGuard guard(qs.device());
+  set_sm_count(in.args, qs.device());
+  const at::Tensor lc = lse.contiguous(), cc = coef.contiguous();
+  at::Tensor dqs = at::empty({B, in.args.d}, qs.options());
+  if (dqs.numel() == 0) return dqs;
+  const size_t bytes = cuda::info_nce_backward_workspace_bytes(in.args);
+  const at::Tensor ws = make_workspace(bytes, qs);
+  check_launch(op, cuda::info_nce_backward(in.args, lc.data_ptr<float>(), cc.data_ptr<float>(),
+                                           dqs.data_ptr<float>(),
+                                           ws.defined() ? ws.data_ptr() : nullptr, bytes,
+                                           c10::cuda::getCurrentCUDAStream()));
+  return dqs;
+}
+
 }  // namespace
 }  // namespace capkit
 
@@ -301,4 +432,6 @@ TORCH_LIBRARY_IMPL(capkit, CUDA, m) {
   m.impl("masked_linear_forward", &capkit::masked_linear_forward_cuda);
   m.impl("masked_linear_grad_input", &capkit::masked_linear_grad_input_cuda);
   m.impl("masked_linear_grad_weight", &capkit::masked_linear_grad_weight_cuda);
+  m.impl("info_nce_forward", &capkit::info_nce_forward_cuda);
+  m.impl("info_nce_backward", &capkit::info_nce_backward_cuda);
 }
