@@ -3,6 +3,8 @@
 # build the extension with its CUDA kernels, run the whole test suite including the GPU tests,
 # run the benchmarks, and pack results and logs into $OUT (default ./gpu-verify-out).
 #
+#   bash scripts/gpu_verify.sh all            # one device call, cut to CAPKIT_GPU_SECONDS (default 480):
+#                                             # build for this GPU, GPU tests, target benchmarks, suite
 #   bash scripts/gpu_verify.sh build          # build + capkit-info (a minute or two)
 #   bash scripts/gpu_verify.sh test           # build, then the default suite and -m gpu
 #   bash scripts/gpu_verify.sh ops            # build, then masked_linear (+ dispatch table), info_nce, mask_threshold
@@ -36,12 +38,59 @@ pack() {
     if [ -d "$dir" ]; then
         tar czf "$OUT/results.tgz" -C "$(dirname "$dir")" "$(basename "$dir")" capkit/ops/dispatch_table.json 2>/dev/null \
             || tar czf "$OUT/results.tgz" -C "$(dirname "$dir")" "$(basename "$dir")"
-        cp capkit/ops/dispatch_table.json "$OUT/" 2>/dev/null || true
+        [ "$stage" = all ] || cp capkit/ops/dispatch_table.json "$OUT/" 2>/dev/null || true  # all: 8 files at most
         echo "packed $dir into $OUT/results.tgz"
     fi
 }
 
+# all: within NAME MIN_SECONDS COMMAND...: runs COMMAND when MIN_SECONDS are left before the
+# deadline, stops it (SIGINT: pytest and the benchmarks report what they finished) at the deadline;
+# output to $OUT/NAME.log, one line per step to $OUT/steps.txt
+within() {
+    local name=$1 need=$2 t0 rc
+    shift 2
+    if [ "$(left)" -lt "$need" ]; then
+        echo "[all] $name: not run, $(left) s left" | tee -a "$OUT/steps.txt"
+        return 0
+    fi
+    t0=$(date +%s)
+    timeout -s INT -k 20 "$(left)" "$@" >"$OUT/$name.log" 2>&1
+    rc=$?
+    echo "[all] $name: exit $rc after $(( $(date +%s) - t0 )) s" | tee -a "$OUT/steps.txt"
+    tail -n 4 "$OUT/$name.log"
+}
+left() { echo $(( t_end - $(date +%s) )); }
+
 case "$stage" in
+    all)
+        # Everything that needs a GPU in one device call, most telling first. Machine code for this
+        # GPU only (half the compile time of the release's sm_80 + sm_90a); results and logs land in
+        # $OUT step by step (at most 8 files come back), so a cut-off run still returns what finished.
+        t_end=$(( $(date +%s) + ${CAPKIT_GPU_SECONDS:-480} ))
+        : > "$OUT/steps.txt"
+        export CAPKIT_CUDA_ARCHS="${CAPKIT_CUDA_ARCHS:-$("$py" -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}{n}" + ("a" if m == 9 else ""))')}"
+        t0=$(date +%s)
+        build >>"$OUT/steps.txt" 2>&1
+        echo "[all] build for sm_$CAPKIT_CUDA_ARCHS: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/steps.txt"
+        xdist=$("$py" -c "import xdist" 2>/dev/null && echo "-n 8" || true)
+        # the kernels against their references on the GPU
+        within tests_gpu 60 "$py" -m pytest -q -p no:cacheprovider -m gpu -rfE --maxfail 40 \
+            tests/test_cuda_info_nce.py tests/test_cuda_masked_linear.py tests/test_triton_info_nce.py \
+            tests/test_triton_masked_linear.py tests/test_topk.py tests/test_masked_linear.py tests/test_info_nce.py
+        # the benchmarks behind the performance targets (bf16 on the GPU), then the report
+        within bench_ops 60 sh -c "'$py' -m benchmarks.masked_linear --shapes bert-ffn-in bert-ffn-out \
+            --kinds unstructured block --sparsities 0 0.9 --min-time 0.1 && \
+            '$py' -m benchmarks.info_nce --min-time 0.1 --shapes 32x4200x768 256x65536x768 4096x65536x768 \
+            4096x1048576x768 && '$py' -m benchmarks.mask_threshold --min-time 0.1"
+        pack >>"$OUT/steps.txt" 2>&1
+        # the whole default suite with CUDA present
+        within tests 60 "$py" -m pytest -q -p no:cacheprovider -m "not slow" -rfE --maxfail 40 $xdist
+        within bench_models 90 "$py" -m benchmarks --full --only train_step --only structured_inference \
+            --only sparse_inference --min-time 0.2
+        "$py" -m benchmarks --full --report-only >>"$OUT/steps.txt" 2>&1
+        pack >>"$OUT/steps.txt" 2>&1
+        cat "$OUT/steps.txt"
+        ;;
     build) build ;;
     test)
         build
@@ -96,5 +145,5 @@ PY
             2>&1 | tee -a "$OUT/bench_accuracy.log" | grep -v "Loading\|MISSING" | tail -30
         pack
         ;;
-    *) echo "unknown stage '$stage' (build, test, ops, models, report, carry, accuracy)" >&2; exit 2 ;;
+    *) echo "unknown stage '$stage' (all, build, test, ops, models, report, carry, accuracy)" >&2; exit 2 ;;
 esac
