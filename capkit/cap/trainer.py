@@ -321,22 +321,38 @@ class CAPRun:
             self.banks["snc"] = MemoryBank("snc", self.example_labels)
         self.banks["snc"].add(vecs)
 
+    def _unstructured_steps(self) -> int:
+        return max(1, int(math.ceil(self.cfg.epochs * self._steps_per_epoch())))
+
+    def _schedule(self, total: int):
+        """The cubic schedule of an unstructured run (None when nothing is pruned). A budget too
+        short for its warm-ups is a ConfigError, raised by ``fit`` before any long work."""
+        from capkit.pruning import CubicSchedule
+
+        cfg = self.cfg
+        warmup = max(1, int(round(cfg.warmup_ratio * total)))
+        try:
+            if cfg.pruning_kind == "soft-movement":
+                return CubicSchedule(0.0, cfg.soft_threshold, total, warmup, cfg.initial_warmup,
+                                     cfg.final_warmup, reg_lambda=cfg.reg_lambda)
+            if cfg.sparsity > 0:
+                return CubicSchedule(1.0, 1.0 - cfg.sparsity, total, warmup, cfg.initial_warmup, cfg.final_warmup)
+            return None
+        except ValueError as exc:
+            raise ConfigError(
+                f"the sparsity schedule does not fit the training budget: {exc}. The run has {total} "
+                f"optimisation step(s) ({cfg.epochs:g} epoch(s) of {self._steps_per_epoch()}); raise --epochs or "
+                f"the training examples, or lower --initial-warmup / --final-warmup / --warmup-ratio") from exc
+
     def _make_pruner(self) -> None:
-        from capkit.pruning import CubicSchedule, Pruner
+        from capkit.pruning import Pruner
 
         cfg = self.cfg
         kind = cfg.pruning_kind
-        total = self.total_steps
-        warmup = max(1, int(round(cfg.warmup_ratio * total)))
         criterion = kind
         if kind == "movement" and cfg.block_size:
             criterion = "block-movement"
-        if kind == "soft-movement":
-            schedule = CubicSchedule(0.0, cfg.soft_threshold, total, warmup, cfg.initial_warmup,
-                                     cfg.final_warmup, reg_lambda=cfg.reg_lambda)
-        else:
-            schedule = CubicSchedule(1.0, 1.0 - cfg.sparsity, total, warmup, cfg.initial_warmup, cfg.final_warmup) \
-                if cfg.sparsity > 0 else None
+        schedule = self._schedule(self.total_steps)
         try:
             self.pruner = Pruner(self._bare_student(), criterion, schedule=schedule,
                                  scope="global" if cfg.global_topk else "matrix",
@@ -624,7 +640,7 @@ class CAPRun:
     # -- unstructured ----------------------------------------------------------------------------
     def _fit_unstructured(self, state: Optional[dict]) -> None:
         cfg = self.cfg
-        self.total_steps = max(1, int(math.ceil(cfg.epochs * self._steps_per_epoch())))
+        self.total_steps = self._unstructured_steps()
         if cfg.pruning_kind != "none":
             self._make_pruner()
         if state is not None:
@@ -710,6 +726,8 @@ class CAPRun:
         if state is None and self._checkpoint_path().exists() and dist.is_main():
             raise ConfigError(f"{self._checkpoint_path()} exists: pass --resume to continue that run, "
                               f"or choose another --output-dir")
+        if not cfg.structured and cfg.pruning_kind != "none":
+            self._schedule(self._unstructured_steps())  # a budget too short fails here, not after the teacher
         if dist.is_main():
             atomic_write_text(self.out / "config.json", json.dumps(cfg.to_dict(), indent=2))
         self._setup_teacher()
