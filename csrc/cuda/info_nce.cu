@@ -115,33 +115,56 @@ __device__ __forceinline__ void merge_lse(float& m, float& l, float m2, float l2
   m = mn;
 }
 
+// The query block and the range of key tiles of this CTA (blockIdx.x: query block, .y: split).
+struct CtaWork {
+  int64_t q0, split, t_begin, t_end;
+};
+
+__device__ __forceinline__ CtaWork cta_work(const InfoNceArgs& a, int64_t tiles_per_split) {
+  CtaWork w;
+  w.q0 = static_cast<int64_t>(blockIdx.x) * kBQ;
+  w.split = blockIdx.y;
+  const int64_t tiles = (a.M + kBK - 1) / kBK;
+  w.t_begin = w.split * tiles_per_split;
+  w.t_end = w.t_begin + tiles_per_split < tiles ? w.t_begin + tiles_per_split : tiles;
+  return w;
+}
+
+// Id, label and left-out key of the thread's query rows q0 + ty + 16 r.
+struct QueryRows {
+  bool in[kTQ];
+  int64_t id[kTQ], label[kTQ], self[kTQ];
+};
+
+__device__ __forceinline__ void load_rows(const InfoNceArgs& a, int64_t q0, int ty, QueryRows& rows) {
+#pragma unroll
+  for (int r = 0; r < kTQ; ++r) {
+    const int64_t i = q0 + ty + 16 * r;
+    rows.in[r] = i < a.B;
+    rows.id[r] = rows.in[r] ? a.qid[i] : 0;
+    rows.label[r] = (rows.in[r] && a.qlab != nullptr) ? a.qlab[i] : 0;
+    rows.self[r] = (rows.in[r] && a.self_index != nullptr) ? a.self_index[i] : -1;
+  }
+}
+
 template <typename KT>
 __global__ void __launch_bounds__(kThreads)
     info_nce_forward_kernel(InfoNceArgs a, int64_t tiles_per_split, float* __restrict__ partial) {
   __shared__ Tiles sh;
   const KT* keys = static_cast<const KT*>(a.keys);
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  const int64_t q0 = static_cast<int64_t>(blockIdx.x) * kBQ;
-  const int64_t split = blockIdx.y;
-  const int64_t tiles = (a.M + kBK - 1) / kBK;
-  const int64_t t_begin = split * tiles_per_split;
-  const int64_t t_end = t_begin + tiles_per_split < tiles ? t_begin + tiles_per_split : tiles;
-
-  bool row_ok[kTQ];
-  int64_t my_id[kTQ], my_label[kTQ], my_self[kTQ];
+  const CtaWork w = cta_work(a, tiles_per_split);
+  const int64_t q0 = w.q0;
+  QueryRows rows;
+  load_rows(a, q0, ty, rows);
   float m[kTQ], l[kTQ], sum_u[kTQ], cnt_u[kTQ], sum_s[kTQ], cnt_s[kTQ];
 #pragma unroll
   for (int r = 0; r < kTQ; ++r) {
-    const int64_t i = q0 + ty + 16 * r;
-    row_ok[r] = i < a.B;
-    my_id[r] = row_ok[r] ? a.qid[i] : 0;
-    my_label[r] = (row_ok[r] && a.qlab != nullptr) ? a.qlab[i] : 0;
-    my_self[r] = (row_ok[r] && a.self_index != nullptr) ? a.self_index[i] : -1;
     m[r] = -INFINITY;
     l[r] = sum_u[r] = cnt_u[r] = sum_s[r] = cnt_s[r] = 0.f;
   }
 
-  for (int64_t t = t_begin; t < t_end; ++t) {
+  for (int64_t t = w.t_begin; t < w.t_end; ++t) {
     const int64_t k0 = t * kBK;
     float acc[kTQ][kTK];
     score_tile(a.qs, keys, a.B, a.M, a.d, q0, k0, sh, acc);
@@ -155,7 +178,7 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t label = labelled ? a.klab[j] : 0;
 #pragma unroll
       for (int r = 0; r < kTQ; ++r) {
-        if (!row_ok[r] || j == my_self[r]) continue;
+        if (!rows.in[r] || j == rows.self[r]) continue;
         const float s = acc[r][c] * scale;
         if (s > m[r]) {
           l[r] = l[r] * expf(m[r] - s) + 1.f;
@@ -163,11 +186,11 @@ __global__ void __launch_bounds__(kThreads)
         } else {
           l[r] += expf(s - m[r]);
         }
-        if (id == my_id[r]) {
+        if (id == rows.id[r]) {
           sum_u[r] += s;
           cnt_u[r] += 1.f;
         }
-        if (labelled && label == my_label[r]) {
+        if (labelled && label == rows.label[r]) {
           sum_s[r] += s;
           cnt_s[r] += 1.f;
         }
@@ -189,8 +212,8 @@ __global__ void __launch_bounds__(kThreads)
       cnt_s[r] += __shfl_xor_sync(0xffffffffu, cnt_s[r], off);
     }
     const int64_t i = q0 + ty + 16 * r;
-    if (tx == 0 && row_ok[r]) {
-      float* p = partial + (split * a.B + i) * kPartial;
+    if (tx == 0 && rows.in[r]) {
+      float* p = partial + (w.split * a.B + i) * kPartial;
       p[0] = m[r];
       p[1] = l[r];
       p[2] = sum_u[r];
@@ -230,31 +253,25 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ float g[kBQ][kBK + 1];
   const KT* keys = static_cast<const KT*>(a.keys);
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  const int64_t q0 = static_cast<int64_t>(blockIdx.x) * kBQ;
-  const int64_t split = blockIdx.y;
-  const int64_t tiles = (a.M + kBK - 1) / kBK;
-  const int64_t t_begin = split * tiles_per_split;
-  const int64_t t_end = t_begin + tiles_per_split < tiles ? t_begin + tiles_per_split : tiles;
-  float* dq = out + split * a.B * a.d;
-
-  bool row_ok[kTQ];
-  int64_t my_id[kTQ], my_label[kTQ], my_self[kTQ];
+  const CtaWork w = cta_work(a, tiles_per_split);
+  const int64_t q0 = w.q0;
+  float* dq = out + w.split * a.B * a.d;
+  QueryRows rows;
+  load_rows(a, q0, ty, rows);
+  bool row_ok[kTQ];  // in the batch and with at least one kept key
   float my_lse[kTQ], a_u[kTQ], a_s[kTQ], c_sm[kTQ];
 #pragma unroll
   for (int r = 0; r < kTQ; ++r) {
     const int64_t i = q0 + ty + 16 * r;
-    const bool in = i < a.B;
+    const bool in = rows.in[r];
     my_lse[r] = in ? lse[i] : 0.f;
     row_ok[r] = in && isfinite(my_lse[r]);
-    my_id[r] = in ? a.qid[i] : 0;
-    my_label[r] = (in && a.qlab != nullptr) ? a.qlab[i] : 0;
-    my_self[r] = (in && a.self_index != nullptr) ? a.self_index[i] : -1;
     a_u[r] = in ? coef[i * 3 + 0] : 0.f;
     a_s[r] = in ? coef[i * 3 + 1] : 0.f;
     c_sm[r] = in ? coef[i * 3 + 2] : 0.f;
   }
 
-  for (int64_t t = t_begin; t < t_end; ++t) {
+  for (int64_t t = w.t_begin; t < w.t_end; ++t) {
     const int64_t k0 = t * kBK;
     float acc[kTQ][kTK];
     score_tile(a.qs, keys, a.B, a.M, a.d, q0, k0, sh, acc);
@@ -269,11 +286,11 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int r = 0; r < kTQ; ++r) {
         float gv = 0.f;
-        if (key_ok && row_ok[r] && j != my_self[r]) {
+        if (key_ok && row_ok[r] && j != rows.self[r]) {
           const float s = acc[r][c] * scale;
           gv = c_sm[r] * expf(s - my_lse[r]);
-          if (id == my_id[r]) gv += a_u[r];
-          if (labelled && label == my_label[r]) gv += a_s[r];
+          if (id == rows.id[r]) gv += a_u[r];
+          if (labelled && label == rows.label[r]) gv += a_s[r];
           gv *= scale;
         }
         g[ty + 16 * r][tx + 16 * c] = gv;
