@@ -142,7 +142,7 @@ def ref_grad_weight(g, x, w, mask, layout):
 
 def check(actual, expected, dtype, red, what):
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert actual.device.type == "cuda", f"{what}: result on {actual.device}"
+    assert actual.device.type == torch.device(DEV).type, f"{what}: result on {actual.device}"
     rtol, a = TOL[dtype]
     torch.testing.assert_close(
         actual.double(), expected, rtol=rtol, atol=a * math.sqrt(max(red, 1)),

@@ -16,20 +16,13 @@
 //           writes dqs itself).  No atomics: results do not depend on timing.
 
 #include "info_nce.cuh"
+#include "launch.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <algorithm>
 #include <cmath>
-
-// Kernel launch.  With CAPKIT_CUDA_HOST_EMULATION (tests only: tests/cuda_emu/) this file
-// compiles as host C++ and each CTA runs as real threads, so the kernels run on a CPU too.
-#ifdef CAPKIT_CUDA_HOST_EMULATION
-#define CAPKIT_LAUNCH(kernel, grid, block, stream) ::capkit_emu::launch(grid, block, kernel)
-#else
-#define CAPKIT_LAUNCH(kernel, grid, block, stream) kernel<<<grid, block, 0, stream>>>
-#endif
 
 namespace capkit {
 namespace cuda {
@@ -361,13 +354,13 @@ bool args_ok(const InfoNceArgs& a) {
 
 template <typename KT>
 void launch_forward(const InfoNceArgs& a, dim3 grid, int64_t tps, float* partial, cudaStream_t stream) {
-  CAPKIT_LAUNCH(info_nce_forward_kernel<KT>, grid, kThreads, stream)(a, tps, partial);
+  CAPKIT_LAUNCH(grid, kThreads, stream, info_nce_forward_kernel<KT>)(a, tps, partial);
 }
 
 template <typename KT>
 void launch_backward(const InfoNceArgs& a, dim3 grid, const float* lse, const float* coef, int64_t tps,
                      float* out, cudaStream_t stream) {
-  CAPKIT_LAUNCH(info_nce_backward_kernel<KT>, grid, kThreads, stream)(a, lse, coef, tps, out);
+  CAPKIT_LAUNCH(grid, kThreads, stream, info_nce_backward_kernel<KT>)(a, lse, coef, tps, out);
 }
 
 size_t align32(size_t bytes) { return (bytes + 31) / 32 * 32; }
@@ -430,7 +423,7 @@ cudaError_t info_nce_forward(const InfoNceArgs& a, float* stats, void* workspace
   }
   const int threads = 128;
   const unsigned blocks = static_cast<unsigned>((a.B + threads - 1) / threads);
-  CAPKIT_LAUNCH(info_nce_forward_merge_kernel, blocks, threads, stream)(partial, splits, a.B, stats);
+  CAPKIT_LAUNCH(blocks, threads, stream, info_nce_forward_merge_kernel)(partial, splits, a.B, stats);
   return cudaGetLastError();
 }
 
@@ -460,8 +453,8 @@ cudaError_t info_nce_backward(const InfoNceArgs& a, const float* lse, const floa
     const int threads = 256;
     const int64_t want = (static_cast<int64_t>(n) + threads - 1) / threads;
     const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(want, 65535));
-    CAPKIT_LAUNCH(info_nce_backward_sum_kernel, blocks, threads, stream)(out, splits, static_cast<int64_t>(n),
-                                                                       dqs);
+    CAPKIT_LAUNCH(blocks, threads, stream, info_nce_backward_sum_kernel)(out, splits,
+                                                                         static_cast<int64_t>(n), dqs);
   }
   return cudaGetLastError();
 }

@@ -26,6 +26,7 @@
 // chunk t+1 is loaded into registers; after the MMAs it is masked and
 // stored, so one __syncthreads per chunk suffices.
 
+#include "launch.cuh"
 #include "masked_linear.cuh"
 
 #include <cuda_bf16.h>
@@ -137,6 +138,7 @@ __device__ __forceinline__ float apply_mask(float v, const void* mask, int64_t i
 // Rows whose length is not a multiple of 16 bytes (or unaligned pointers,
 // vec == false) take a scalar path.
 
+#ifndef CAPKIT_CUDA_HOST_EMULATION
 __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gsrc, int src_bytes) {
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
   // src_bytes < 16 zero-fills the rest of the chunk.
@@ -150,6 +152,15 @@ __device__ __forceinline__ void cp_async_commit() {
 __device__ __forceinline__ void cp_async_wait_all() {
   asm volatile("cp.async.wait_group 0;\n" ::: "memory");
 }
+#else
+// host emulation (tests/cuda_emu): the copy happens at once, which the kernel allows (a stage is
+// only refilled after the barrier that ends its last use)
+inline void cp_async16(void* smem_dst, const void* gsrc, int src_bytes) {
+  capkit_emu::copy_zero_fill(smem_dst, gsrc, src_bytes, 16);
+}
+inline void cp_async_commit() {}
+inline void cp_async_wait_all() {}
+#endif
 
 template <typename T, MaskKind MK, int ROWS, int COLS, int NT>
 struct TileLoader {
@@ -898,10 +909,10 @@ cudaError_t launch_mm(const Params& p, const MMPlan& pl, int64_t cols, cudaStrea
   if (pl.gx > INT_MAX || pl.gy > 65535 || pl.splits > 65535) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(pl.gx), static_cast<unsigned>(pl.gy),
                   static_cast<unsigned>(pl.splits));
-  masked_gemm_kernel<OP, T, MK, C><<<grid, C::kThreads, 0, stream>>>(p);
+  CAPKIT_LAUNCH(grid, C::kThreads, stream, masked_gemm_kernel<OP, T, MK, C>)(p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || pl.splits <= 1) return err;
-  mm_reduce_kernel<T><<<pl.reduce_blocks, 256, 0, stream>>>(p, cols);
+  CAPKIT_LAUNCH(pl.reduce_blocks, 256, stream, mm_reduce_kernel<T>)(p, cols);
   return cudaGetLastError();
 }
 
@@ -1004,10 +1015,10 @@ template <typename T, class C>
 cudaError_t launch_gw(const Params& p, cudaStream_t stream) {
   if (p.tiles > INT_MAX) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(p.tiles), static_cast<unsigned>(p.splits));
-  masked_gemm_kernel<Op::GradW, T, MaskKind::None, C><<<grid, C::kThreads, 0, stream>>>(p);
+  CAPKIT_LAUNCH(grid, C::kThreads, stream, masked_gemm_kernel<Op::GradW, T, MaskKind::None, C>)(p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || p.splits <= 1) return err;
-  gradw_reduce_kernel<T, C::BM><<<static_cast<unsigned>(p.tiles), 256, 0, stream>>>(p);
+  CAPKIT_LAUNCH(static_cast<unsigned>(p.tiles), 256, stream, gradw_reduce_kernel<T, C::BM>)(p);
   return cudaGetLastError();
 }
 

@@ -4,8 +4,9 @@
 // runtime and intrinsics: a launch runs the CTAs one after another, each as blockDim real threads
 // that meet at __syncthreads (a barrier of the CTA) and __shfl_xor_sync (an exchange within the
 // warp); __shared__ variables become function statics, which is one copy per CTA because only
-// one CTA runs at a time. Device pointers are host pointers. What cannot be emulated this way
-// (tensor-core fragments, cp.async) is absent, so only kernels without them compile here.
+// one CTA runs at a time. Device pointers are host pointers. Tensor-core fragments (mma.h here)
+// are held whole by every lane and multiplied in fp32; cp.async copies at once (the kernel wraps
+// it). Inline PTX cannot be emulated, so a kernel that uses it must offer a host spelling.
 #pragma once
 
 #include <barrier>
@@ -25,11 +26,13 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
 
 using std::isfinite;
 
 typedef int cudaError_t;
-enum : int { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorLaunchFailure = 719 };
+enum : int { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidConfiguration = 9,
+             cudaErrorLaunchFailure = 719 };
 typedef void* cudaStream_t;
 enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
 
@@ -40,6 +43,28 @@ struct dim3 {
 struct uint3 {
   unsigned x = 0, y = 0, z = 0;
 };
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+struct alignas(8) uint2 {
+  unsigned x, y;
+};
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+
+template <typename T>
+inline T __ldg(const T* p) {
+  return *p;
+}
+inline float __uint_as_float(unsigned u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline unsigned __float_as_uint(float f) {
+  unsigned u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
 
 inline thread_local uint3 threadIdx, blockIdx;
 inline thread_local dim3 blockDim, gridDim;
@@ -125,9 +150,22 @@ inline unsigned linear_thread() {
   return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
 }
 
+// All lanes of the calling thread's warp meet here.
+inline void warp_barrier() {
+  current_cta()->warps[linear_thread() / 32]->arrive_and_wait();
+}
+
+// cp.async of `bytes` (<= chunk) from src, zeros for the rest of the chunk.
+inline void copy_zero_fill(void* dst, const void* src, int bytes, int chunk) {
+  if (bytes > 0) std::memcpy(dst, src, static_cast<size_t>(bytes));
+  if (bytes < chunk) std::memset(static_cast<char*>(dst) + bytes, 0, static_cast<size_t>(chunk - bytes));
+}
+
 }  // namespace capkit_emu
 
 inline void __syncthreads() { capkit_emu::current_cta()->all->arrive_and_wait(); }
+
+inline void __syncwarp(unsigned = 0xffffffffu) { capkit_emu::warp_barrier(); }
 
 // Every lane of the warp must call it (as with a full mask on a GPU).
 inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
