@@ -1,10 +1,10 @@
-// Host emulation of the small part of CUDA that capkit's SIMT kernels use (tests only).
+// Host emulation of the small part of CUDA that capkit's kernels use (tests only).
 //
 // Compiling a kernel file as C++ with this folder first on the include path replaces the CUDA
-// runtime and intrinsics: a launch runs the CTAs one after another, each as blockDim real threads
-// that meet at __syncthreads (a barrier of the CTA) and __shfl_xor_sync (an exchange within the
-// warp); __shared__ variables become function statics, which is one copy per CTA because only
-// one CTA runs at a time. Device pointers are host pointers. Tensor-core fragments (mma.h here)
+// runtime and intrinsics: a launch runs the CTAs one after another on blockDim real threads that
+// meet at __syncthreads (a barrier of the CTA), __syncwarp and __shfl_xor_sync (within the warp);
+// __shared__ variables become function statics, which is one copy per CTA because only one CTA
+// runs at a time. Device pointers are host pointers. Tensor-core fragments (mma.h here)
 // are held whole by every lane and multiplied in fp32; cp.async copies at once (the kernel wraps
 // it). Inline PTX cannot be emulated, so a kernel that uses it must offer a host spelling.
 #pragma once
@@ -94,6 +94,8 @@ template <typename Kernel>
 struct Launch {
   dim3 grid, block;
   Kernel kernel;
+  // One thread per CTA thread for the whole launch; the threads walk the CTAs in order and meet
+  // after each one, so the function-static "shared memory" belongs to one CTA at a time.
   template <typename... Args>
   void operator()(Args... args) const {
     const unsigned n = block.x * block.y * block.z;
@@ -101,43 +103,41 @@ struct Launch {
       last_error() = cudaErrorInvalidValue;
       return;
     }
-    for (unsigned bz = 0; bz < grid.z; ++bz)
-      for (unsigned by = 0; by < grid.y; ++by)
-        for (unsigned bx = 0; bx < grid.x; ++bx) {
-          Cta cta;
-          cta.all = std::make_unique<std::barrier<>>(n);
-          for (unsigned w = 0; w < (n + 31) / 32; ++w)
-            cta.warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, n - 32 * w)));
-          cta.lanes.assign(n, 0.f);
-          current_cta() = &cta;
-          std::exception_ptr failed;
-          std::mutex failed_lock;
-          std::vector<std::thread> threads;
-          threads.reserve(n);
-          for (unsigned t = 0; t < n; ++t)
-            threads.emplace_back([&, t] {
-              threadIdx.x = t % block.x;
-              threadIdx.y = (t / block.x) % block.y;
-              threadIdx.z = t / (block.x * block.y);
+    Cta cta;
+    cta.all = std::make_unique<std::barrier<>>(n);
+    for (unsigned w = 0; w < (n + 31) / 32; ++w)
+      cta.warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, n - 32 * w)));
+    cta.lanes.assign(n, 0.f);
+    current_cta() = &cta;
+    std::exception_ptr failed;
+    std::mutex failed_lock;
+    std::vector<std::thread> threads;
+    threads.reserve(n);
+    for (unsigned t = 0; t < n; ++t)
+      threads.emplace_back([&, t] {
+        threadIdx.x = t % block.x;
+        threadIdx.y = (t / block.x) % block.y;
+        threadIdx.z = t / (block.x * block.y);
+        blockDim = block;
+        gridDim = grid;
+        for (unsigned bz = 0; bz < grid.z; ++bz)
+          for (unsigned by = 0; by < grid.y; ++by)
+            for (unsigned bx = 0; bx < grid.x; ++bx) {
               blockIdx.x = bx;
               blockIdx.y = by;
               blockIdx.z = bz;
-              blockDim = block;
-              gridDim = grid;
               try {
                 kernel(args...);
               } catch (...) {
                 std::lock_guard<std::mutex> g(failed_lock);
                 failed = std::current_exception();
               }
-            });
-          for (auto& th : threads) th.join();
-          current_cta() = nullptr;
-          if (failed) {
-            last_error() = cudaErrorLaunchFailure;
-            return;
-          }
-        }
+              cta.all->arrive_and_wait();  // the CTA is done before the next one starts
+            }
+      });
+    for (auto& th : threads) th.join();
+    current_cta() = nullptr;
+    if (failed) last_error() = cudaErrorLaunchFailure;
   }
 };
 
