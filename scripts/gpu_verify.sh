@@ -72,7 +72,7 @@ case "$stage" in
         t0=$(date +%s)
         build >>"$OUT/steps.txt" 2>&1
         echo "[all] build for sm_$CAPKIT_CUDA_ARCHS: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/steps.txt"
-        xdist=$("$py" -c "import xdist" 2>/dev/null && echo "-n 8" || true)
+        xdist=$("$py" -c "import xdist" 2>/dev/null && echo "-n 6 --dist loadfile" || true)
         # the kernels against their references on the GPU
         within tests_gpu 60 "$py" -m pytest -q -p no:cacheprovider -m gpu -rfE --maxfail 40 \
             tests/test_cuda_info_nce.py tests/test_cuda_masked_linear.py tests/test_triton_info_nce.py \
