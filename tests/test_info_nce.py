@@ -231,3 +231,23 @@ def test_auto_picks_the_cpu_kernels_and_matches_the_reference(monkeypatch):
     assert len(calls) == (1 if expected == "cpu" else 0)
     torch.testing.assert_close(auto, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g_auto, g_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_auto_on_gpus_prefers_triton_then_the_cuda_kernels(monkeypatch):
+    import importlib
+    from types import SimpleNamespace
+
+    mod = importlib.import_module("capkit.ops.info_nce")
+    query = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.float32)
+
+    def present(*names):
+        for name in ("triton", "cuda"):
+            why = None if name in names else f"{name} missing"
+            monkeypatch.setattr(_STREAMING[name], "unavailable_reason", lambda device, why=why: why)
+
+    present("triton", "cuda")
+    assert mod._choose(query) == "triton"
+    present("cuda")
+    assert mod._choose(query) == "cuda"  # streaming (O(B + M) memory) rather than the B x M reference
+    present()
+    assert mod._choose(query) == "torch"

@@ -271,14 +271,17 @@ def info_nce(query, keys, query_ids, key_ids, *, query_labels=None, key_labels=N
 
 
 def _choose(query: torch.Tensor) -> str:
-    # GPUs: the streaming Triton kernel (tensor cores; the CUDA C++ kernels compute in fp32 on the
-    # CUDA cores and have no GPU timing yet to earn a place here). CPUs: the C++
+    # GPUs: the streaming Triton kernel (tensor cores), else the CUDA C++ one (fp32 on the CUDA
+    # cores; no GPU timing yet to rank it above Triton). CPUs: the C++
     # streaming kernels, which beat the reference at every shape measured on the 2-core machine
     # (benchmarks/results/amd-epyc-2c/info_nce_quick.md, forward+backward): B 4 x M 64 x d 32
     # 1.48x, CAP's 32 x 4,200 x 768 1.62x, 256 x 65,536 x 768 2.25x; the reference for float64
     # (the kernels compute in float32).
-    if query.device.type == "cuda" and _STREAMING["triton"].unavailable_reason(query.device) is None:
-        return "triton"
+    if query.device.type == "cuda":
+        # without Triton, the CUDA C++ kernels: streaming keeps the memory O(B + M)
+        for name in ("triton", "cuda"):
+            if _STREAMING[name].unavailable_reason(query.device) is None:
+                return name
     if (query.device.type == "cpu" and query.dtype != torch.float64
             and _STREAMING["cpu"].unavailable_reason(query.device) is None):
         return "cpu"
