@@ -7,15 +7,18 @@ magnitude methods only). The seed picks the training subset (``--max-train-examp
 the data order, dropout and negatives, so each seed is a whole repeat of the experiment.
 
 A method is a ``capkit-prune --method`` name, optionally with its target: ``cap-m@0.9`` prunes
-90% of the encoder weights, ``cap-f@0.5`` removes 50% of the heads and FFN neurons. Every method
+90% of the encoder weights, ``cap-f@0.5`` removes 50% of the heads and FFN neurons. Flags of that
+method's own follow ``+`` for ablations: ``cap-m+no-fic`` (no FiC module), ``cap-m+sup-weight=0``
+(no supervised term); each ablation is compared with its whole method. Every method
 gets the same training budget: the ``--epochs`` setting. ``cap-f`` spreads it over its pruning
 iterations (the default schedule 10%, 20%, ... up to its target, each iteration retraining for
 epochs / iterations), unless ``--structured-epochs`` is set explicitly.
 
 Per run: the task's main metric dense and pruned, the encoder sparsity reached and the speed-up
 of the exported model (from the run's report). Per task and method over the seeds: mean ± sample
-standard deviation, the fraction of the teacher's metric kept, and cap-m's margin over movement
-at the same target against the seeds' spread.
+standard deviation, the fraction of the teacher's metric kept, cap-m's margin over movement
+at the same target (and each ablation's against its whole method) against the seeds' spread,
+also seed by seed.
 
 Settings after ``--`` go to ``capkit-prune`` unchanged (model, data folder, sizes, ...):
 
@@ -64,11 +67,30 @@ def embedded_default_flags() -> List[str]:
     return flags
 
 
+def variant_flags(spec: str) -> List[str]:
+    """The capkit-prune flags of a spec's ``+`` parts, for ablations of one method:
+    ``"cap-m@0.7+no-fic+sup-weight=0"`` -> ``["--no-fic", "--sup-weight", "0"]``."""
+    flags: List[str] = []
+    for part in spec.split("+")[1:]:
+        key, eq, value = part.partition("=")
+        if not key or (eq and not value):
+            raise ValueError(f"--methods: {spec!r} has an empty '+' part; write e.g. cap-m+no-fic or "
+                             f"cap-m+sup-weight=0")
+        flags += [f"--{key}"] + ([value] if eq else [])
+    return flags
+
+
+def base_spec(spec: str) -> str:
+    """A spec without its ``+`` ablation parts: ``"cap-m@0.7+no-fic"`` -> ``"cap-m@0.7"``."""
+    return spec.split("+")[0]
+
+
 def parse_method(spec: str) -> Tuple[str, Optional[float]]:
-    """``"cap-f@0.5"`` -> ``("cap-f", 0.5)``; ``"movement"`` -> ``("movement", None)``."""
+    """``"cap-f@0.5"`` -> ``("cap-f", 0.5)``; ``"movement"`` -> ``("movement", None)``; ``+`` ablation
+    parts (:func:`variant_flags`) are left out."""
     from capkit.cap.config import METHODS
 
-    name, _, target = spec.partition("@")
+    name, _, target = base_spec(spec).partition("@")
     if name not in METHODS or name == "finetune":
         raise ValueError(f"--methods: unknown method {name!r} in {spec!r}; choose from "
                          f"{[m for m in METHODS if m != 'finetune']}, optionally with @<target>, e.g. cap-f@0.5")
@@ -97,7 +119,7 @@ def method_flags(spec: str, settings: List[str]) -> List[str]:
 
     name, target = parse_method(spec)
     given = given_settings(settings)
-    flags = ["--method", name]
+    flags = ["--method", name] + variant_flags(spec)
     if not takes_blocks(name) and given.get("block_size") not in (None, 0):
         flags += ["--block-size", "0"]  # blocks are for the top-k methods; the others run as they must
     if METHODS[name][0] != "structured":
@@ -224,9 +246,13 @@ def aggregate(rows: List[Dict]) -> Tuple[List[Dict], List[Dict]]:
     comparisons = []
     by_key = {(g["task"], g["method"]): g for g in out}
     for (task, spec), g in by_key.items():
+        # an ablation against its whole method; cap-m against movement at the same target
         name, _, target = spec.partition("@")
-        other = by_key.get((task, "movement" + (f"@{target}" if target else "")))
-        if name != "cap-m" or other is None or g["pruned_mean"] is None or other["pruned_mean"] is None:
+        if "+" in spec:
+            other = by_key.get((task, base_spec(spec)))
+        else:
+            other = by_key.get((task, "movement" + (f"@{target}" if target else ""))) if name == "cap-m" else None
+        if other is None or g["pruned_mean"] is None or other["pruned_mean"] is None:
             continue
         spreads = [s for s in (g["pruned_std"], other["pruned_std"]) if s is not None]
         margin = g["pruned_mean"] - other["pruned_mean"]
@@ -302,7 +328,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--tasks", nargs="+", default=None,
                    help="tasks (capkit-prune --task); default bbc_news with capkit-prune's embedded-default settings")
     p.add_argument("--methods", nargs="+", default=["cap-m", "movement"],
-                   help="methods, each optionally with its target: cap-m@0.9, cap-f@0.5 (default: cap-m movement)")
+                   help="methods, each optionally with its target: cap-m@0.9, cap-f@0.5, and capkit-prune flags of "
+                        "its own after '+' for ablations: cap-m+no-fic, cap-m+sup-weight=0 (default: cap-m movement)")
     p.add_argument("--seeds", nargs="+", type=int, default=None,
                    help="seeds, each a whole repeat with its own training subset and teacher "
                         "(default: capkit-prune's --seed among the settings, else 42)")
@@ -314,6 +341,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         for spec in args.methods:
             parse_method(spec)
+            variant_flags(spec)
     except ValueError as exc:
         p.error(str(exc))
     tasks = args.tasks or ["bbc_news"]
@@ -322,6 +350,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     elif args.tasks is None:
         settings = embedded_default_flags() + settings
     given = given_settings(settings)  # a bad capkit-prune setting stops here, before any training
+    for spec in args.methods:
+        given_settings(settings + variant_flags(spec))  # so does a bad ablation flag
     seeds = args.seeds or [int(given.get("seed", 42))]
     if len(set(seeds)) != len(seeds):
         p.error(f"--seeds: each seed once, got {seeds}")

@@ -251,7 +251,8 @@ def _structured(data: Dict) -> Optional[Found]:
 def _accuracy_group(data: Dict, method: str, target: float = 0.9) -> Optional[Dict]:
     """The (task, method) group of ``method`` at ``target`` sparsity: SST-2 with ≥ 3 seeds first."""
     groups = [g for g in data.get("groups") or []
-              if g.get("method", "").partition("@")[0] == method and g.get("sparsity_mean") is not None
+              if g.get("method", "").partition("@")[0] == method and "+" not in g.get("method", "")
+              and g.get("sparsity_mean") is not None
               and abs(g["sparsity_mean"] - target) < 0.01]
     groups.sort(key=lambda g: (g.get("task") != "sst2", -(g.get("n") or 0)))
     return groups[0] if groups else None

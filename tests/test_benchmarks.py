@@ -407,6 +407,14 @@ def test_accuracy_targets_from_seeded_runs(tmp_path):
     kept, margin = judged(runs)
     assert (kept["verdict"], kept["measured"]) == ("met", "97.4%")
     assert (margin["verdict"], margin["measured"]) == ("met", "8.00×")
+    # an ablation is compared with its whole method, and never judged as cap-m itself
+    ablated = rows("sst2", "cap-m@0.9+no-fic", (0.91, 0.91, 0.92), (0.85, 0.87, 0.86))
+    comparisons = aggregate(runs + ablated)[1]
+    abl = next(c for c in comparisons if c["method"] == "cap-m@0.9+no-fic")
+    assert abl["baseline"] == "cap-m@0.9" and abl["paired_diffs"] == pytest.approx([-0.03, -0.02, -0.04])
+    assert [c["baseline"] for c in comparisons if c["method"] == "cap-m@0.9"] == ["movement@0.9"]
+    kept, margin = judged(ablated + runs)
+    assert (kept["measured"], margin["measured"]) == ("97.4%", "8.00×")
     # a margin inside the seeds' spread, and too much lost: not met
     worse = rows("sst2", "cap-m@0.9", (0.91, 0.91, 0.92), (0.80, 0.85, 0.90)) + runs[3:]
     kept, margin = judged(worse)

@@ -112,6 +112,9 @@ def test_accuracy_reports_a_failing_run(tmp_path):
     assert rc == 1 and data["rows"] == [] and data["failures"][0]["method"] == "teacher"
     with pytest.raises(SystemExit):
         accuracy.main(["--methods", "finetune"])
+    with pytest.raises(SystemExit):  # an ablation flag capkit-prune does not know stops before any training
+        accuracy.main(["--methods", "cap-m+no-such-module", "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
 
 
 def test_accuracy_method_specs_share_one_budget():
@@ -131,6 +134,13 @@ def test_accuracy_method_specs_share_one_budget():
         ["--method", "cap-f", "--structured-epochs", "2"]
     assert method_flags("cap-soft", settings) == ["--method", "cap-soft", "--block-size", "0"]
     assert parse_method("cap-f@0.5") == ("cap-f", 0.5)
+    # ablations: flags of one method's own after '+'
+    assert method_flags("cap-m@0.7+no-fic+sup-weight=0", settings) == \
+        ["--method", "cap-m", "--no-fic", "--sup-weight", "0", "--sparsity", "0.7"]
+    assert parse_method("cap-m@0.7+no-fic") == ("cap-m", 0.7)
+    for bad in ("cap-m++no-fic", "cap-m+sup-weight="):
+        with pytest.raises(ValueError, match=r"empty '\+' part"):
+            method_flags(bad, settings)
     for bad, says in (("cap-x", "unknown method"), ("cap-m@1.5", r"a fraction in \(0, 1\)"), ("cap-m@x", "fraction"),
                       ("finetune", "unknown method")):
         with pytest.raises(ValueError, match=says):
