@@ -4,36 +4,20 @@ compared with the float64 reference through the op's own autograd function. This
 kernels' tiling, indexing, masks, online log-sum-exp, key splits and merge kernels without a GPU;
 timing, memory coalescing and the ATen bindings need one (tests/test_cuda_info_nce.py)."""
 import ctypes
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
+from _cuda_emu import build
+from _cuda_emu import pointer as _ptr
 
 from capkit.ops.info_nce import _InfoNCEFunction, info_nce
 
-ROOT = Path(__file__).resolve().parents[1]
-EMU = ROOT / "tests" / "cuda_emu"
 KEY_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
-    cxx = shutil.which("g++")
-    if cxx is None:
-        pytest.skip("needs g++ (C++20) to build the host emulation")
-    out = tmp_path_factory.mktemp("cuda_emu") / "libinfo_nce_emu.so"
-    cmd = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wall", "-Wno-unknown-pragmas",
-           "-DCAPKIT_CUDA_HOST_EMULATION", f"-I{EMU}", f"-I{ROOT / 'csrc' / 'cuda'}",
-           "-include", str(EMU / "cuda_runtime.h"),
-           "-x", "c++", str(ROOT / "csrc" / "cuda" / "info_nce.cu"), "-x", "c++", str(EMU / "info_nce_host.cpp"),
-           "-o", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0 and any(s in proc.stderr for s in ("<barrier>", "_Float16")):
-        pytest.skip(f"this g++ lacks C++20 <barrier> or _Float16: {proc.stderr[-300:]}")
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    dll = ctypes.CDLL(str(out))
+    dll = build(tmp_path_factory.mktemp("cuda_emu"), "info_nce.cu", "info_nce_host.cpp")
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     common = [p, p, i32, p, p, p, p, p, p, i64, i64, i64, i32, i32]
     dll.emu_info_nce_forward.argtypes = common + [p]
@@ -42,13 +26,6 @@ def lib(tmp_path_factory):
     for f in (dll.emu_info_nce_forward, dll.emu_info_nce_backward, dll.emu_info_nce_splits):
         f.restype = i32
     return dll
-
-
-def _ptr(t):
-    if t is None:
-        return None
-    assert t.is_contiguous()
-    return ctypes.c_void_p(t.data_ptr())
 
 
 class Emulated:

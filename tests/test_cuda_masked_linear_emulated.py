@@ -5,36 +5,19 @@ references, every gradient request, dead blocks exactly zero) on shapes small en
 edge tiles, unaligned rows, split reductions, every block size. Timing, the real tensor cores and
 the ATen bindings need a GPU."""
 import ctypes
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
-import torch
-
 import test_cuda_masked_linear as gpu_suite
+import torch
+from _cuda_emu import build
+from _cuda_emu import pointer as _ptr
 
-ROOT = Path(__file__).resolve().parents[1]
-EMU = ROOT / "tests" / "cuda_emu"
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
-    cxx = shutil.which("g++")
-    if cxx is None:
-        pytest.skip("needs g++ (C++20) to build the host emulation")
-    out = tmp_path_factory.mktemp("cuda_emu") / "libmasked_linear_emu.so"
-    cmd = [cxx, "-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-Wall", "-Wno-unknown-pragmas",
-           "-DCAPKIT_CUDA_HOST_EMULATION", f"-I{EMU}", f"-I{ROOT / 'csrc' / 'cuda'}",
-           "-include", str(EMU / "cuda_runtime.h"),
-           "-x", "c++", str(ROOT / "csrc" / "cuda" / "masked_linear.cu"),
-           "-x", "c++", str(EMU / "masked_linear_host.cpp"), "-o", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0 and any(s in proc.stderr for s in ("<barrier>", "_Float16")):
-        pytest.skip(f"this g++ lacks C++20 <barrier> or _Float16: {proc.stderr[-300:]}")
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    dll = ctypes.CDLL(str(out))
+    dll = build(tmp_path_factory.mktemp("cuda_emu"), "masked_linear.cu", "masked_linear_host.cpp", opt="-O2")
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     dll.emu_ml_forward.argtypes = [p, p, p, i32, p, p, p, i64, p, i64, i64, i64, i32, i32]
     dll.emu_ml_grad_input.argtypes = [p, p, p, i32, p, p, i64, p, i64, i64, i64, i32, i32]
@@ -44,10 +27,6 @@ def lib(tmp_path_factory):
     dll.emu_ml_workspace_bytes.argtypes = [i32, i64, i64, i64, i32]
     dll.emu_ml_workspace_bytes.restype = i64
     return dll
-
-
-def _ptr(t):
-    return None if t is None or t.numel() == 0 else ctypes.c_void_p(t.data_ptr())
 
 
 def _mask_kind(mask):

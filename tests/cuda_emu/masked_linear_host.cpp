@@ -10,6 +10,20 @@
 namespace {
 using namespace capkit::cuda;
 
+// The fields the three argument structs share.
+template <typename Args>
+void set_common(Args& a, const void* mask, int mask_kind, int64_t nnz, int64_t M, int64_t N, int64_t K, int block,
+                int dtype) {
+  a.mask = mask;
+  a.mask_kind = static_cast<MaskKind>(mask_kind);
+  a.nnz_blocks = nnz;
+  a.M = M;
+  a.N = N;
+  a.K = K;
+  a.block_size = block;
+  a.dtype = static_cast<DType>(dtype);
+}
+
 struct Aligned {  // 32-byte aligned workspace, as the launchers require
   void* p = nullptr;
   explicit Aligned(size_t bytes) {
@@ -23,20 +37,13 @@ extern "C" int emu_ml_forward(const void* x, const void* w, const void* mask, in
                               const int32_t* row_ptr, const int32_t* col_idx, int64_t nnz, void* y, int64_t M,
                               int64_t N, int64_t K, int block, int dtype) {
   ForwardArgs a;
+  set_common(a, mask, mask_kind, nnz, M, N, K, block, dtype);
   a.x = x;
   a.weight = w;
-  a.mask = mask;
   a.bias = bias;
   a.row_ptr = row_ptr;
   a.col_idx = col_idx;
-  a.nnz_blocks = nnz;
   a.y = y;
-  a.M = M;
-  a.N = N;
-  a.K = K;
-  a.block_size = block;
-  a.dtype = static_cast<DType>(dtype);
-  a.mask_kind = static_cast<MaskKind>(mask_kind);
   a.workspace_bytes = masked_linear_forward_workspace_bytes(a);
   Aligned ws(a.workspace_bytes);
   a.workspace = ws.p;
@@ -47,19 +54,12 @@ extern "C" int emu_ml_grad_input(const void* dy, const void* w, const void* mask
                                  const int32_t* col_ptr, const int32_t* row_idx, int64_t nnz, void* dx, int64_t M,
                                  int64_t N, int64_t K, int block, int dtype) {
   GradInputArgs a;
+  set_common(a, mask, mask_kind, nnz, M, N, K, block, dtype);
   a.grad_out = dy;
   a.weight = w;
-  a.mask = mask;
   a.col_ptr = col_ptr;
   a.row_idx = row_idx;
-  a.nnz_blocks = nnz;
   a.dx = dx;
-  a.M = M;
-  a.N = N;
-  a.K = K;
-  a.block_size = block;
-  a.dtype = static_cast<DType>(dtype);
-  a.mask_kind = static_cast<MaskKind>(mask_kind);
   a.workspace_bytes = masked_linear_grad_input_workspace_bytes(a);
   Aligned ws(a.workspace_bytes);
   a.workspace = ws.p;
@@ -70,21 +70,14 @@ extern "C" int emu_ml_grad_weight(const void* dy, const void* x, const void* w, 
                                   const int32_t* row_ptr, const int32_t* col_idx, int64_t nnz, void* dw, void* dm,
                                   int64_t M, int64_t N, int64_t K, int block, int dtype, int need_w, int need_m) {
   GradWeightArgs a;
+  set_common(a, mask, mask_kind, nnz, M, N, K, block, dtype);
   a.grad_out = dy;
   a.x = x;
   a.weight = w;
-  a.mask = mask;
   a.row_ptr = row_ptr;
   a.col_idx = col_idx;
-  a.nnz_blocks = nnz;
   a.dW = dw;
   a.dM = dm;
-  a.M = M;
-  a.N = N;
-  a.K = K;
-  a.block_size = block;
-  a.dtype = static_cast<DType>(dtype);
-  a.mask_kind = static_cast<MaskKind>(mask_kind);
   a.need_weight_grad = need_w != 0;
   a.need_mask_grad = need_m != 0;
   a.workspace_bytes = masked_linear_grad_weight_workspace_bytes(a);
@@ -97,16 +90,17 @@ extern "C" int emu_ml_grad_weight(const void* dy, const void* x, const void* w, 
 extern "C" int64_t emu_ml_workspace_bytes(int op, int64_t M, int64_t N, int64_t K, int dtype) {
   if (op == 0) {
     ForwardArgs a;
-    a.M = M, a.N = N, a.K = K, a.dtype = static_cast<DType>(dtype);
+    set_common(a, nullptr, 0, 0, M, N, K, 0, dtype);
     return static_cast<int64_t>(masked_linear_forward_workspace_bytes(a));
   }
   if (op == 1) {
     GradInputArgs a;
-    a.M = M, a.N = N, a.K = K, a.dtype = static_cast<DType>(dtype);
+    set_common(a, nullptr, 0, 0, M, N, K, 0, dtype);
     return static_cast<int64_t>(masked_linear_grad_input_workspace_bytes(a));
   }
   GradWeightArgs a;
   static char output;  // dW must be given; the query never writes it
-  a.M = M, a.N = N, a.K = K, a.dtype = static_cast<DType>(dtype), a.dW = &output;
+  set_common(a, nullptr, 0, 0, M, N, K, 0, dtype);
+  a.dW = &output;
   return static_cast<int64_t>(masked_linear_grad_weight_workspace_bytes(a));
 }
