@@ -302,9 +302,11 @@ def summary_markdown(result: Dict) -> str:
                       f"{c['n']} seed(s), {verdict}."]
         if c.get("paired_diffs"):
             diffs = ", ".join(f"{100 * d:+.1f}" for d in c["paired_diffs"])
+            n = len(c["paired_diffs"])
+            se = "" if c.get("paired_std") is None else f" (standard error {100 * c['paired_std'] / math.sqrt(n):.2f})"
             lines[-1] += (f" Seed by seed ({', '.join(map(str, c['paired_seeds']))}): {diffs} points, "
-                          f"mean {_pm(c['paired_mean'], c['paired_std'], digits=2)}; ahead on "
-                          f"{sum(d > 0 for d in c['paired_diffs'])} of {len(c['paired_diffs'])}.")
+                          f"mean {_pm(c['paired_mean'], c['paired_std'], digits=2)}{se}; ahead on "
+                          f"{sum(d > 0 for d in c['paired_diffs'])} of {n}.")
     rows = [{**r, "dense": None if r["dense"] is None else 100 * r["dense"],
              "pruned": None if r["pruned"] is None else 100 * r["pruned"],
              "sparsity": None if r["sparsity"] is None else 100 * r["sparsity"]} for r in result["rows"]]

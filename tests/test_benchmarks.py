@@ -390,7 +390,8 @@ def test_accuracy_targets_from_seeded_runs(tmp_path):
 
     text = summary_markdown({"machine": _machine(), "settings": [], "seeds": [1, 2, 3], "rows": [], "groups": [],
                              "comparisons": comparisons, "failures": []})
-    assert "Seed by seed (1, 2, 3): +8.0, +7.0, +9.0 points, mean 8.00 ± 1.00; ahead on 3 of 3." in text
+    assert ("Seed by seed (1, 2, 3): +8.0, +7.0, +9.0 points, mean 8.00 ± 1.00 (standard error 0.58); "
+            "ahead on 3 of 3.") in text
     # a seed that only one method finished is left out of the pairs
     (c,) = aggregate(runs[:2] + runs[3:])[1]
     assert c["paired_seeds"] == [1, 2]
