@@ -103,11 +103,11 @@ def test_empty_bank_gives_zero_loss():
     assert float(loss.detach()) == 0.0 and torch.equal(q.grad, torch.zeros_like(q.grad))
 
 
-def test_stats_against_a_direct_computation():
-    # the op's raw forward: (lse, sum_u, cnt_u, sum_s, cnt_s) per query
-    q, k, qid, kid, qlab, klab, si = make_case(37, 3000, 72)
+def check_stats(case, rtol, atol):
+    """The raw forward, (lse, sum_u, cnt_u, sum_s, cnt_s) per query, against a direct float64 computation."""
+    q, k, qid, kid, qlab, klab, si = case
     scale = 1.0 / k.float().norm(dim=1)
-    stats = torch.ops.capkit.info_nce_forward(q, k, scale, qid, kid, qlab, klab, si)
+    stats = _STREAMING["cuda"].forward(q, k, scale, qid, kid, qlab, klab, si)
     s = (q.double() @ k.double().t()) * scale.double()
     keep = torch.ones_like(s, dtype=torch.bool)
     rows = torch.nonzero(si >= 0).squeeze(1)
@@ -116,7 +116,11 @@ def test_stats_against_a_direct_computation():
     ps = (qlab[:, None] == klab[None, :]) & keep
     expect = torch.stack([torch.logsumexp(s.masked_fill(~keep, float("-inf")), 1), (s * pu).sum(1),
                           pu.sum(1).double(), (s * ps).sum(1), ps.sum(1).double()], 1)
-    torch.testing.assert_close(stats.double(), expect, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(stats.double(), expect, rtol=rtol, atol=atol)
+
+
+def test_stats_against_a_direct_computation():
+    check_stats(make_case(37, 3000, 72), rtol=1e-4, atol=1e-3)
 
 
 def test_bad_input_names_the_argument():

@@ -1,16 +1,18 @@
 """The CUDA C++ InfoNCE kernels run on the CPU: csrc/cuda/info_nce.cu compiled as host C++ against
-tests/cuda_emu/ (each CTA as real threads meeting at barriers, warp shuffles as exchanges), then
-compared with the float64 reference through the op's own autograd function. This checks the
-kernels' tiling, indexing, masks, online log-sum-exp, key splits and merge kernels without a GPU;
-timing, memory coalescing and the ATen bindings need one (tests/test_cuda_info_nce.py)."""
+tests/cuda_emu/ (each CTA as real threads meeting at barriers, warp shuffles as exchanges), put
+behind ``info_nce(backend="cuda")`` and checked by the GPU suite's own helpers
+(tests/test_cuda_info_nce.py: float64 reference, loss and gradient, raw statistics) on shapes
+small enough to emulate. This checks the kernels' tiling, indexing, masks, online log-sum-exp, key
+splits and merge kernels without a GPU; timing, memory coalescing and the ATen bindings need one."""
 import ctypes
 
 import pytest
+import test_cuda_info_nce as gpu_suite
 import torch
 from _cuda_emu import build
 from _cuda_emu import pointer as _ptr
 
-from capkit.ops.info_nce import _InfoNCEFunction, info_nce
+from capkit.ops.info_nce import _STREAMING
 
 KEY_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -29,12 +31,16 @@ def lib(tmp_path_factory):
 
 
 class Emulated:
-    """The ``_STREAMING`` interface over the emulated CUDA launchers; outputs poisoned with NaN first."""
+    """The ``_STREAMING`` interface over the emulated CUDA launchers, for CPU tensors; outputs poisoned
+    with NaN first."""
 
-    name = "cuda-emulated"
+    name = "cuda"
 
     def __init__(self, lib, num_sms=4, num_splits=0):
         self.lib, self.num_sms, self.num_splits = lib, num_sms, num_splits
+
+    def unavailable_reason(self, device):
+        return None if device.type == "cpu" else "the emulated kernels take CPU tensors"
 
     def _common(self, qs, keys, key_scale, qid, kid, qlab, klab, si):
         return [_ptr(qs), _ptr(keys), KEY_TYPES[keys.dtype], _ptr(key_scale), _ptr(qid), _ptr(kid), _ptr(qlab),
@@ -52,93 +58,79 @@ class Emulated:
         return dqs
 
 
-def make_case(b, m, d, key_dtype=torch.float32, labels=True, self_index=True):
-    q = torch.randn(b, d)
-    k = torch.randn(m, d).to(key_dtype)
-    qid = torch.randint(0, max(1, m // 3), (b,))
-    kid = torch.randint(0, max(1, m // 3), (m,))
-    if m >= 4:
-        kid[:4] = qid[0]  # several positives with one id
-    qlab = torch.randint(0, 3, (b,)) if labels else None
-    klab = torch.randint(0, 3, (m,)) if labels else None
-    si = torch.randint(-1, m, (b,)) if self_index and m > 0 else None
-    return q, k, qid, kid, qlab, klab, si
+@pytest.fixture
+def emulate(lib, monkeypatch):
+    """``emulate(**options)``: the GPU suite's helpers on CPU tensors, backend "cuda" on the emulated
+    kernels (options: num_sms, num_splits)."""
 
+    def use(**options):
+        impl = Emulated(lib, **options)
+        monkeypatch.setattr(gpu_suite, "DEV", "cpu")
+        monkeypatch.setitem(_STREAMING, "cuda", impl)
+        return impl
 
-def check(impl, case, temperature=0.1, normalization="cap", normalize=True, rtol=1e-4, grad_rtol=1e-3):
-    q, k, qid, kid, qlab, klab, si = case
-    w_s = 2.0 if qlab is not None else 0.0
-    qc = q.clone().requires_grad_()
-    loss = _InfoNCEFunction.apply(qc, k, qid, kid, qlab, klab, si, temperature, 0.7, w_s, normalization, normalize,
-                                  impl)
-    loss.backward()
-    q64 = q.double().requires_grad_()
-    ref = info_nce(q64, k.double(), qid, kid, query_labels=qlab, key_labels=klab, self_index=si,
-                   temperature=temperature, unsup_weight=0.7, sup_weight=w_s, normalization=normalization,
-                   normalize=normalize, backend="torch")
-    ref.backward()
-    torch.testing.assert_close(loss.detach().double(), ref.detach(), rtol=rtol, atol=1e-5)
-    torch.testing.assert_close(qc.grad.double(), q64.grad, rtol=grad_rtol, atol=1e-6)
+    return use
 
 
 @pytest.mark.parametrize("b,m,d", [(1, 1, 3), (1, 7, 16), (7, 127, 33), (40, 300, 70), (5, 3, 100), (33, 1000, 48)])
 @pytest.mark.parametrize("labels", [False, True])
 @pytest.mark.parametrize("normalization", ["cap", "mean"])
-def test_matches_reference(lib, b, m, d, labels, normalization):
-    check(Emulated(lib), make_case(b, m, d, labels=labels), normalization=normalization)
+def test_matches_reference(emulate, b, m, d, labels, normalization):
+    emulate()
+    gpu_suite.check(gpu_suite.make_case(b, m, d, labels=labels), normalization=normalization)
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 64])
-def test_every_key_split_gives_the_same_loss(lib, num_splits):
+def test_every_key_split_gives_the_same_loss(emulate, num_splits):
     # one split writes dq itself; more go through the partials and the merge / sum kernels
-    check(Emulated(lib, num_splits=num_splits), make_case(37, 1000, 40))
+    emulate(num_splits=num_splits)
+    gpu_suite.check(gpu_suite.make_case(37, 1000, 40))
 
 
 @pytest.mark.parametrize("key_dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_half_precision_keys(lib, key_dtype):
-    check(Emulated(lib), make_case(9, 200, 48, key_dtype=key_dtype), grad_rtol=2e-3)
+def test_half_precision_keys(emulate, key_dtype):
+    emulate()
+    gpu_suite.check(gpu_suite.make_case(9, 200, 48, key_dtype=key_dtype), grad_rtol=2e-3)
 
 
 @pytest.mark.parametrize("temperature,normalize", [(0.05, True), (1.0, True), (0.5, False)])
-def test_temperatures_and_unnormalised(lib, temperature, normalize):
-    q, k, *rest = make_case(20, 150, 24)
+def test_temperatures_and_unnormalised(emulate, temperature, normalize):
+    emulate()
+    q, k, *rest = gpu_suite.make_case(20, 150, 24)
     if not normalize:
         q, k = q * 0.3, k * 0.3
-    check(Emulated(lib), (q, k, *rest), temperature=temperature, normalize=normalize)
+    gpu_suite.check((q, k, *rest), temperature=temperature, normalize=normalize)
 
 
-def test_raw_statistics_and_left_out_rows(lib):
-    q, k, qid, kid, qlab, klab, _ = make_case(40, 130, 36)
+def test_raw_statistics_and_left_out_rows(emulate):
+    impl = emulate()
+    q, k, qid, kid, qlab, klab, _ = gpu_suite.make_case(40, 130, 36)
     si = torch.randint(-1, 130, (40,))
-    scale = 1.0 / k.norm(dim=1)
-    stats = Emulated(lib).forward(q, k, scale, qid, kid, qlab, klab, si)
-    s = (q.double() @ k.double().t()) * scale.double()
-    keep = torch.ones_like(s, dtype=torch.bool)
-    rows = torch.nonzero(si >= 0).squeeze(1)
-    keep[rows, si[rows]] = False
-    pu, ps = (qid[:, None] == kid[None, :]) & keep, (qlab[:, None] == klab[None, :]) & keep
-    expect = torch.stack([torch.logsumexp(s.masked_fill(~keep, float("-inf")), 1), (s * pu).sum(1),
-                          pu.sum(1).double(), (s * ps).sum(1), ps.sum(1).double()], 1)
-    torch.testing.assert_close(stats.double(), expect, rtol=1e-5, atol=1e-4)
+    gpu_suite.check_stats((q, k, qid, kid, qlab, klab, si), rtol=1e-5, atol=1e-4)
     # one key that is the query's own copy: nothing is kept (lse -inf, no positives), and dq is zero
     one = torch.randn(1, 8)
     ids = torch.zeros(1, dtype=torch.long)
-    st = Emulated(lib).forward(one, one, None, ids, ids, None, None, ids)
+    st = impl.forward(one, one, None, ids, ids, None, None, ids)
     assert st[0, 0] == float("-inf") and st[0, 1:].tolist() == [0.0, 0.0, 0.0, 0.0]
-    dq = Emulated(lib).backward(one, one, None, ids, ids, None, None, ids, st[:, 0].contiguous(),
-                                torch.ones(1, 3))
+    dq = impl.backward(one, one, None, ids, ids, None, None, ids, st[:, 0].contiguous(), torch.ones(1, 3))
     assert torch.equal(dq, torch.zeros_like(dq))
 
 
-def test_empty_bank(lib):
+def test_empty_bank(emulate):
+    impl = emulate()
     q = torch.randn(3, 8)
     k = torch.empty(0, 8)
     e = torch.empty(0, dtype=torch.long)
-    st = Emulated(lib).forward(q, k, None, torch.arange(3), e, None, None, None)
+    st = impl.forward(q, k, None, torch.arange(3), e, None, None, None)
     assert (st[:, 0] == float("-inf")).all() and (st[:, 1:] == 0).all()
-    dq = Emulated(lib).backward(q, k, None, torch.arange(3), e, None, None, None, st[:, 0].contiguous(),
-                                torch.ones(3, 3))
+    dq = impl.backward(q, k, None, torch.arange(3), e, None, None, None, st[:, 0].contiguous(), torch.ones(3, 3))
     assert torch.equal(dq, torch.zeros_like(dq))
+
+
+def test_gpu_suite_edge_cases(emulate):
+    emulate()
+    gpu_suite.test_queries_without_positives_and_self_only_keys()
+    gpu_suite.test_empty_bank_gives_zero_loss()
 
 
 def test_key_split_rule(lib):
