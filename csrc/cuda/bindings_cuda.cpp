@@ -371,12 +371,6 @@ InfoNceInputs info_nce_inputs(const char* op, const at::Tensor& qs, const at::Te
   return in;
 }
 
-void set_sm_count(cuda::InfoNceArgs& a, const at::Device& device) {
-  int sms = 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device.index()) == cudaSuccess)
-    a.num_sms = sms;
-}
-
 at::Tensor info_nce_forward_cuda(const at::Tensor& qs, const at::Tensor& keys,
                                  const std::optional<at::Tensor>& key_scale, const at::Tensor& qid,
                                  const at::Tensor& kid, const std::optional<at::Tensor>& qlab,
@@ -384,8 +378,7 @@ at::Tensor info_nce_forward_cuda(const at::Tensor& qs, const at::Tensor& keys,
                                  const std::optional<at::Tensor>& self_index) {
   constexpr const char* op = "capkit::info_nce_forward";
   InfoNceInputs in = info_nce_inputs(op, qs, keys, key_scale, qid, kid, qlab, klab, self_index);
-  const c10::cuda::CUDAGuard guard(qs.device());
-  set_sm_count(in.args, qs.device());
+  const c10::cuda::CUDAGuard guard(qs.device());  // the launchers size the key split for this device
   at::Tensor stats = at::empty({in.args.B, 5}, qs.options());
   if (in.args.B == 0) return stats;
   const size_t bytes = cuda::info_nce_forward_workspace_bytes(in.args);
@@ -412,7 +405,6 @@ at::Tensor info_nce_backward_cuda(const at::Tensor& qs, const at::Tensor& keys,
   TORCH_CHECK(coef.dim() == 2 && coef.size(0) == B && coef.size(1) == 3, op,
               ": coef must be [", B, ", 3], got shape ", coef.sizes());
   const c10::cuda::CUDAGuard guard(qs.device());
-  set_sm_count(in.args, qs.device());
   const at::Tensor lc = lse.contiguous(), cc = coef.contiguous();
   at::Tensor dqs = at::empty({B, in.args.d}, qs.options());
   if (dqs.numel() == 0) return dqs;
