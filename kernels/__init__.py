@@ -27,16 +27,12 @@ if __name__ == "kernels":
                 return spec
         return None
 
+    # (on an error below, the import system removes sys.modules["kernels"] whichever module it holds)
     _spec = _load_distribution()
     if _spec is None:
-        _sys.modules.pop("kernels", None)
         raise ModuleNotFoundError(
             "No module named 'kernels' (the repository's kernels/ folder is capkit.kernels, not a "
             "top-level package)", name="kernels")
     _module = _util.module_from_spec(_spec)
     _sys.modules["kernels"] = _module
-    try:
-        _spec.loader.exec_module(_module)
-    except BaseException:
-        _sys.modules.pop("kernels", None)
-        raise
+    _spec.loader.exec_module(_module)
