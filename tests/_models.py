@@ -51,7 +51,13 @@ def tiny_text_task(root):
     root.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted({w for ws in WORDS.values() for w in ws} | set(NOISE))
     (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = transformers.BertTokenizerFast(vocab_file=str(root / "vocab.txt"))
+    if int(transformers.__version__.split(".")[0]) >= 5:  # 5.x takes the vocabulary itself ...
+        tok = transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)})
+    else:  # ... 4.x its file (5.x ignores a vocab_file argument and maps every word to [UNK])
+        tok = transformers.BertTokenizerFast(vocab_file=str(root / "vocab.txt"))
+    ids = tok("apple car sun")["input_ids"]
+    if tok.unk_token_id in ids or len(ids) != 5:
+        raise RuntimeError(f"the tiny tokenizer does not know its own words: {ids}")
     cfg = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                   intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.1,
                                   attention_probs_dropout_prob=0.1)
