@@ -14,7 +14,13 @@ not depend on them), the same batch and the same sampled negatives:
   each contrastive loss is ``mm`` + ``log_softmax`` + masked means over the full ``B x M``
   logits (:func:`capkit.ops.info_nce.info_nce_reference`).
 - ``kd``: plain knowledge-distillation fine-tuning, the floor CAP adds to: the unpatched dense
-  student, the teacher's forward, CE + KD, the optimiser; no masks, no banks.
+  student, the teacher's logits, CE + KD, the optimiser; no masks, no banks.
+
+The teacher's logits: ``--teacher-logits cache`` (default, what ``capkit-prune`` does for
+classification) reads them by example id from a table the teacher filled before training, in
+``capkit`` and ``kd`` alike, so CAP's overhead over KD is that of its own parts; ``live`` runs
+the teacher's forward every step in both. ``reference`` always runs it every step, as the
+research code did.
 
 Each step: mask update, teacher forward, student forward (CE + KD), contrastive losses (PrC,
 FiC, SnC), backward, AdamW (the trainer's fused one). The variants run interleaved, one step of
@@ -142,10 +148,13 @@ class Step:
     """One variant's state and its step, split into the phases of the breakdown."""
 
     def __init__(self, variant: str, base: nn.Module, teacher: nn.Module, bank_vectors: Dict[str, torch.Tensor],
-                 bank_labels: torch.Tensor, args, device: torch.device):
+                 bank_labels: torch.Tensor, args, device: torch.device,
+                 teacher_logits: Optional[torch.Tensor] = None):
         self.variant = variant
         self.device = device
         self.teacher = teacher
+        # [bank examples, labels] logits filled by the teacher before training (None: a forward per step)
+        self.teacher_logits = teacher_logits if variant != "reference" else None
         self.bf16 = device.type == "cuda" and not args.fp32
         self.settings = ContrastiveSettings(extra_negatives=args.negatives)
         self.student = copy.deepcopy(base).to(device).train()
@@ -190,6 +199,9 @@ class Step:
             m.update_mask()
 
     def teacher_forward(self, state: dict) -> None:
+        if self.teacher_logits is not None:
+            state["teacher_logits"] = self.teacher_logits[state["batch"]["example_id"]]
+            return
         with torch.no_grad(), self.autocast():
             state["teacher_logits"] = self.teacher(input_ids=state["batch"]["input_ids"],
                                                    attention_mask=state["batch"]["attention_mask"]).logits
@@ -328,6 +340,12 @@ def run(args) -> Dict:
     bank_labels = torch.randint(0, NUM_LABELS, (args.bank_examples,), generator=gen)
     batch = make_inputs(args, device, gen)
     batch["labels"] = bank_labels[batch["example_id"].cpu()].to(device)  # labels consistent with the bank
+    cached = None
+    if args.teacher_logits == "cache":  # the table the trainer fills before training (this batch's rows)
+        cached = torch.zeros(args.bank_examples, NUM_LABELS, device=device)
+        with torch.no_grad():
+            cached[batch["example_id"]] = teacher(input_ids=batch["input_ids"],
+                                                  attention_mask=batch["attention_mask"]).logits.float()
 
     rows: List[Dict] = []
     failures: List[Dict] = []
@@ -335,7 +353,7 @@ def run(args) -> Dict:
     steps: Dict[str, Step] = {}
     for variant in args.variants:
         try:
-            step = Step(variant, base, teacher, bank_vectors, bank_labels, args, device)
+            step = Step(variant, base, teacher, bank_vectors, bank_labels, args, device, cached)
             if variant != "kd":
                 losses[variant] = first_loss(step, batch, seed=7)
             steps[variant] = step
@@ -366,7 +384,7 @@ def run(args) -> Dict:
     shape = {"layers": args.layers, "hidden": args.hidden, "heads": args.heads, "ffn": args.ffn, "batch": args.batch,
              "seq": args.seq, "bank_examples": args.bank_examples, "negatives": args.negatives,
              "banks": {name: snaps for name, snaps in BANKS}, "keep": args.keep, "steps": args.steps,
-             "warmup": args.warmup}
+             "warmup": args.warmup, "teacher_logits": args.teacher_logits}
     return {"benchmark": "train_step", "machine": info, "quick": args.quick, "shape": shape,
             "load_average": {"before": load_before, "after": os.getloadavg()}, "rows": rows, "summary": summary,
             "failures": failures}
@@ -379,7 +397,8 @@ def summary_markdown(result: Dict) -> str:
              f"{mi['date']}, {mi['torch_threads']} threads. One CAP-m training step of a BERT with "
              f"{sh['layers']} layers x {sh['hidden']} hidden ({sh['ffn']} FFN), batch {sh['batch']} x {sh['seq']} "
              f"tokens, banks of {sh['bank_examples']} examples (PrC, FiC, SnC x2), {sh['negatives']} extra negatives "
-             f"per bank, {100 * (1 - sh['keep']):.0f}% of every encoder matrix masked; the variants interleaved, "
+             f"per bank, {100 * (1 - sh['keep']):.0f}% of every encoder matrix masked; teacher logits "
+             f"{_TEACHER_TEXT[sh.get('teacher_logits', 'live')]}; the variants interleaved, "
              f"median of {sh['steps']} steps each (ms), phases from further steps with a synchronisation between "
              f"them. 1-minute load average {result['load_average']['before'][0]:.2f} before, "
              f"{result['load_average']['after'][0]:.2f} after.", ""]
@@ -408,6 +427,10 @@ def summary_markdown(result: Dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+_TEACHER_TEXT = {"cache": "read from a table filled before training in capkit and kd (the reference: a teacher "
+                          "forward per step)",
+                 "live": "from a teacher forward per step in every variant"}
+
 QUICK = dict(layers=2, hidden=128, heads=2, ffn=512, batch=8, seq=32, bank_examples=512, negatives=256, vocab=1000)
 FULL = dict(layers=12, hidden=768, heads=12, ffn=3072, batch=32, seq=128, bank_examples=8192, negatives=4096,
             vocab=30522)
@@ -425,6 +448,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 on CUDA, 1 on the CPU)")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")
+    p.add_argument("--teacher-logits", choices=("cache", "live"), default="cache",
+                   help="capkit and kd read the teacher's logits from a table filled before training (cache, "
+                        "what capkit-prune does) or run its forward every step (live); default cache")
     p.add_argument("--min-time", type=float, default=None, help="accepted for the runner; unused (steps are counted)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)

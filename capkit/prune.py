@@ -77,6 +77,9 @@ _HELP = {
     "snc": "contrastive module with the student's snapshots",
     "fic": "contrastive module with the teacher's bank",
     "kd": "knowledge distillation from the teacher",
+    "teacher_logits": "KD targets: cache (the teacher runs once over the training set before training, in eval mode, "
+                      "so its logits are those a per-step forward gives) or live (a teacher forward every step); "
+                      "question answering always runs live",
     "seed": "random seed (data order, dropout, negatives)",
     "device": "auto, cpu, cuda or cuda:N",
     "bf16": "bf16 autocast (default: on for CUDA)",
@@ -117,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif f.name in ("structured_fractions",):
             p.add_argument(flag, type=float, nargs="+", metavar="F", **kwargs)
+        elif f.name == "teacher_logits":
+            p.add_argument(flag, choices=("cache", "live"), **kwargs)
         elif f.name in ("export_formats",):
             p.add_argument(flag, nargs="+", choices=("dense", "compact", "sparse"), **kwargs)
         else:

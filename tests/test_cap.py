@@ -140,11 +140,15 @@ def test_config_defaults_and_errors():
 
 
 # -- the trainer ------------------------------------------------------------------------------------
-def _teacher(tiny):
+def _teacher(tiny, sharp: bool = False):
     torch.manual_seed(5)
-    return transformers.BertForSequenceClassification.from_pretrained(
+    teacher = transformers.BertForSequenceClassification.from_pretrained(
         tiny / "model", num_labels=3, id2label={0: "fruit", 1: "vehicle", 2: "weather"},
         label2id={"fruit": 0, "vehicle": 1, "weather": 2})
+    if sharp:  # an untrained classifier gives nearly the same logits to every example; this one does not
+        with torch.no_grad():
+            teacher.classifier.weight.mul_(300.0)
+    return teacher
 
 
 def _run(cfg, teacher=None):
@@ -217,8 +221,12 @@ def test_resume_gives_the_same_result(tiny, tmp_path, monkeypatch):
     resumed = _run(_cfg(tiny, tmp_path / "b", save_every=2, resume=True), teacher=teacher)
     assert resumed["train_seconds"] >= round(state["train_seconds"], 3)  # the interrupted part counts too
     del state["train_seconds"]  # a checkpoint from before training times were recorded: time unknown, not 0
+    assert state["teacher_logits"].shape == (48, 3)
+    del state["teacher_logits"]  # ... and from before KD logits were cached: the teacher encodes them again
     torch.save(state, tmp_path / "b" / "checkpoint.pt")
-    assert _run(_cfg(tiny, tmp_path / "b", save_every=2, resume=True), teacher=teacher)["train_seconds"] is None
+    again = _run(_cfg(tiny, tmp_path / "b", save_every=2, resume=True), teacher=teacher)
+    assert again["train_seconds"] is None
+    assert again["pruned"]["metrics"] == straight["pruned"]["metrics"]
     assert resumed["pruned"]["metrics"] == straight["pruned"]["metrics"]
     a = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "a" / "model-dense").state_dict()
     b = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "b" / "model-dense").state_dict()
@@ -226,6 +234,43 @@ def test_resume_gives_the_same_result(tiny, tmp_path, monkeypatch):
         torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)
     with pytest.raises(ConfigError, match="settings differ"):
         _run(_cfg(tiny, tmp_path / "b", save_every=2, resume=True, sparsity=0.5), teacher=teacher)
+
+
+def test_kd_from_cached_teacher_logits_matches_a_live_teacher(tiny, tmp_path, monkeypatch):
+    from capkit.cap import trainer
+
+    teacher = _teacher(tiny, sharp=True)
+    forwards = {}
+    real_train = trainer.CAPRun._train_epochs
+
+    def count_teacher_forwards(self, *args, **kwargs):
+        calls = []
+        hook = self.teacher.register_forward_hook(lambda *_: calls.append(1))
+        try:
+            return real_train(self, *args, **kwargs)
+        finally:
+            hook.remove()
+            forwards[self.cfg.teacher_logits] = len(calls)
+
+    monkeypatch.setattr(trainer.CAPRun, "_train_epochs", count_teacher_forwards)
+    kd = {}
+    for mode in ("cache", "live"):
+        out = tmp_path / mode
+        _run(_cfg(tiny, out, teacher_logits=mode), teacher=teacher)
+        kd[mode] = [r["kd"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "kd" in r]
+    assert forwards == {"cache": 0, "live": 12}  # 2 epochs of 6 steps
+    assert len(kd["cache"]) == len(kd["live"]) > 0
+    assert kd["cache"] == pytest.approx(kd["live"], rel=1e-4, abs=1e-6)
+    # the cached logits are the teacher's own, row by example id
+    run = trainer.CAPRun(_cfg(tiny, tmp_path / "rows", teacher_logits="cache"), teacher=teacher)
+    run._setup_teacher()
+    run._setup_banks()
+    batch = next(iter(run._loader(run.train_enc, 5, torch.tensor([7, 3, 40, 0, 21]))))
+    with torch.no_grad():
+        live = teacher(**trainer.model_inputs(batch)).logits
+    torch.testing.assert_close(run.teacher_logits[batch["example_id"]], live, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match="teacher_logits must be 'cache' or 'live'"):
+        _cfg(tiny, tmp_path / "bad", teacher_logits="stored").resolved()
 
 
 def test_cap_f_prunes_heads_and_neurons_and_compacts(tiny, tmp_path):
@@ -293,11 +338,12 @@ def _ddp_worker(rank, world, port, tiny, out, results):
 
     td.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        run = trainer.CAPRun(_cfg(tiny, out, epochs=1.0, device="cpu"), teacher=_teacher(tiny))
+        run = trainer.CAPRun(_cfg(tiny, out, epochs=1.0, device="cpu"), teacher=_teacher(tiny, sharp=True))
         report = run.fit()
         weights = {k: v.clone() for k, v in run._bare_student().state_dict().items()}
         torch.save({"banks": {k: b.snapshots[0] for k, b in run.banks.items()}, "weights": weights,
-                    "metrics": report["pruned"]["metrics"]}, results / f"rank{rank}.pt")
+                    "teacher_logits": run.teacher_logits, "metrics": report["pruned"]["metrics"]},
+                   results / f"rank{rank}.pt")
     finally:
         td.destroy_process_group()
 
@@ -315,12 +361,15 @@ def test_distributed_gloo_two_processes(tiny, tmp_path):
     # banks: every row in place (same as a single process encodes them), identical on both ranks
     from capkit.cap.trainer import CAPRun
 
-    single = CAPRun(_cfg(tiny, tmp_path / "single", epochs=1.0, device="cpu"), teacher=_teacher(tiny))
+    single = CAPRun(_cfg(tiny, tmp_path / "single", epochs=1.0, device="cpu"), teacher=_teacher(tiny, sharp=True))
     single._setup_teacher()
     single._setup_banks()
     for name in ("prc", "fic"):
         torch.testing.assert_close(r0["banks"][name], r1["banks"][name], atol=0, rtol=0)
         torch.testing.assert_close(r0["banks"][name], single.banks[name].snapshots[0], atol=1e-5, rtol=1e-5)
+    # the KD logits too: each rank encoded half the rows, the sum puts all of them in place
+    torch.testing.assert_close(r0["teacher_logits"], r1["teacher_logits"], atol=0, rtol=0)
+    torch.testing.assert_close(r0["teacher_logits"], single.teacher_logits, atol=1e-5, rtol=1e-5)
     for k in r0["weights"]:  # gradients were averaged: the replicas never diverge
         torch.testing.assert_close(r0["weights"][k], r1["weights"][k], atol=1e-6, rtol=1e-6, msg=k)
     assert (tmp_path / "ddp" / "report.json").exists()

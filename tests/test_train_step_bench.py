@@ -34,6 +34,18 @@ def test_train_step_results_are_complete(tmp_path):
     assert md.startswith("# train_step on") and "target >= 1.5x" in md
 
 
+def test_train_step_teacher_logits_cached_or_live(tmp_path):
+    runs = {}
+    for mode in ("cache", "live"):
+        assert bench.main(TINY + ["--teacher-logits", mode, "--out", str(tmp_path / mode)]) == 0
+        runs[mode] = json.loads((tmp_path / mode / "train_step.json").read_text())
+        assert runs[mode]["shape"]["teacher_logits"] == mode
+        assert f"teacher logits {bench._TEACHER_TEXT[mode]}" in (tmp_path / mode / "train_step.md").read_text()
+    # the cached rows are the teacher's logits of the batch: the same loss as the live forward
+    assert runs["cache"]["summary"]["first_loss"] == pytest.approx(runs["live"]["summary"]["first_loss"], rel=1e-6)
+    assert runs["cache"]["summary"]["loss_rel_diff"] < 1e-5
+
+
 def test_train_step_failure_is_reported(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("reference loss exploded")

@@ -36,14 +36,19 @@ def model_inputs(batch: dict) -> dict:
 @torch.no_grad()
 def encode_representations(model: nn.Module, loader: Iterable[dict], num_examples: int, *,
                            kind: str = "cls", device=None, dtype: torch.dtype = torch.float32,
-                           progress: bool = True, desc: str = "encoding", partial: bool = False) -> torch.Tensor:
+                           progress: bool = True, desc: str = "encoding", partial: bool = False,
+                           logits: bool = False):
     """[num_examples, hidden] representations of every example of ``loader`` in eval mode, row
     ``example_id``. Every example id in ``[0, num_examples)`` must occur, unless ``partial``
-    (one rank's share under data parallelism: the rows it did not see stay zero)."""
+    (one rank's share under data parallelism: the rows it did not see stay zero).
+
+    With ``logits``, returns ``(representations, logits)``: the model's output logits of the same
+    forward too, [num_examples, num_labels] in fp32 (a sequence classifier's or regressor's)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
     out: Optional[torch.Tensor] = None
+    out_logits: Optional[torch.Tensor] = None
     seen = torch.zeros(num_examples, dtype=torch.bool, device=device)
     try:
         from tqdm.auto import tqdm
@@ -54,7 +59,7 @@ def encode_representations(model: nn.Module, loader: Iterable[dict], num_example
     with RepresentationTap(model, kind) as tap:
         for batch in it:
             batch = to_device(batch, device)
-            model(**model_inputs(batch))
+            result = model(**model_inputs(batch))
             vec = tap.vector().float()
             if out is None:
                 out = torch.zeros(num_examples, vec.shape[-1], device=device, dtype=dtype)
@@ -62,12 +67,17 @@ def encode_representations(model: nn.Module, loader: Iterable[dict], num_example
             if int(ids.min()) < 0 or int(ids.max()) >= num_examples:
                 raise ValueError(f"example_id outside [0, {num_examples}) in the data loader")
             out[ids] = vec.to(dtype)
+            if logits:
+                lg = result.logits.float()
+                if out_logits is None:
+                    out_logits = torch.zeros(num_examples, lg.shape[-1], device=device, dtype=torch.float32)
+                out_logits[ids] = lg
             seen[ids] = True
     model.train(was_training)
     if out is None or (not partial and not bool(seen.all())):
         missing = int((~seen).sum())
         raise ValueError(f"the data loader did not cover every example: {missing} of {num_examples} missing")
-    return out
+    return (out, out_logits) if logits else out
 
 
 class MemoryBank:

@@ -89,6 +89,7 @@ class CAPConfig:
     snc: Optional[bool] = None
     fic: Optional[bool] = None
     kd: bool = True
+    teacher_logits: str = "cache"         # KD: "cache" (one teacher pass before training) or "live" (every step)
     # run
     seed: int = 42
     device: str = "auto"
@@ -168,6 +169,7 @@ class CAPConfig:
         need(self.kd_temperature is None or self.kd_temperature > 0, "kd_temperature", "> 0")
         need(self.representation in ("cls", "mean"), "representation", "'cls' or 'mean'")
         need(self.normalization in ("cap", "mean"), "normalization", "'cap' or 'mean'")
+        need(self.teacher_logits in ("cache", "live"), "teacher_logits", "'cache' or 'live'")
         need(0.0 <= self.soft_threshold < 1.0, "soft_threshold", "in [0, 1)")
         need(self.block_size in (None, 16, 32, 64, 128), "block_size", "None or one of 16, 32, 64, 128")
         need(self.block_size is None or takes_blocks(self.method), "block_size",

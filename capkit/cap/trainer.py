@@ -196,6 +196,8 @@ class CAPRun:
         self.num_examples = len(self.train_enc)
         self.example_labels = self._bank_labels()
         self.teacher = teacher
+        # [N, labels] teacher logits of every training example (KD without a teacher forward per step)
+        self.teacher_logits: Optional[torch.Tensor] = None
         self.banks: Dict[str, MemoryBank] = {}
         self.contrastive = ContrastiveSettings(
             temperature=cfg.contrastive_temperature, extra_negatives=cfg.extra_negatives,
@@ -257,18 +259,27 @@ class CAPRun:
     def _bank_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.autocast_bf16 else torch.float32
 
-    def _encode(self, model: nn.Module, desc: str) -> torch.Tensor:
+    def _encode(self, model: nn.Module, desc: str, logits: bool = False):
         """Bank vectors of every training example, encoded in eval mode; under data parallelism
-        each rank encodes its share and the rows are summed into place (mapping intact)."""
+        each rank encodes its share and the rows are summed into place (mapping intact). With
+        ``logits``: ``(vectors, fp32 logits)`` of the same forward."""
         order = torch.arange(self.num_examples)[dist.rank()::dist.world_size()]
         loader = self._loader(self.train_enc, self.cfg.eval_batch_size, order)
         partial = dist.is_distributed()
-        vecs = encode_representations(model, loader, self.num_examples, kind=self.cfg.representation,
-                                      device=self.device, dtype=torch.float32 if partial else self._bank_dtype(),
-                                      progress=self.cfg.progress and dist.is_main(), desc=desc, partial=partial)
+        out = encode_representations(model, loader, self.num_examples, kind=self.cfg.representation,
+                                     device=self.device, dtype=torch.float32 if partial else self._bank_dtype(),
+                                     progress=self.cfg.progress and dist.is_main(), desc=desc, partial=partial,
+                                     logits=logits)
+        vecs, lg = out if logits else (out, None)
         if partial:
             vecs = dist.all_reduce_sum(vecs).to(self._bank_dtype())
-        return vecs
+            lg = None if lg is None else dist.all_reduce_sum(lg)
+        return (vecs, lg) if logits else vecs
+
+    def _cache_teacher_logits(self) -> bool:
+        """KD from logits computed once: classification and regression with --teacher-logits cache."""
+        return (self.cfg.kd and self.teacher is not None and self.cfg.teacher_logits == "cache"
+                and not self.cfg.is_qa)
 
     def _need_teacher(self) -> bool:
         return self.cfg.kd or self.cfg.fic
@@ -303,9 +314,16 @@ class CAPRun:
 
     def _setup_banks(self) -> None:
         cfg = self.cfg
+        cache = self._cache_teacher_logits() and self.teacher_logits is None
         if cfg.fic and "fic" not in self.banks:
             self.banks["fic"] = MemoryBank("fic", self.example_labels)
-            self.banks["fic"].add(self._encode(self.teacher, "FiC bank (teacher)"))
+            if cache:  # the teacher's logits come with its bank, from the same forward
+                vecs, self.teacher_logits = self._encode(self.teacher, "FiC bank + KD logits (teacher)", logits=True)
+            else:
+                vecs = self._encode(self.teacher, "FiC bank (teacher)")
+            self.banks["fic"].add(vecs)
+        if self._cache_teacher_logits() and self.teacher_logits is None:
+            self.teacher_logits = self._encode(self.teacher, "KD logits (teacher)", logits=True)[1]
         if cfg.prc and "prc" not in self.banks and not self.cfg.structured:
             self.banks["prc"] = MemoryBank("prc", self.example_labels)
             self.banks["prc"].add(self._encode(self._bare_student(), "PrC bank (pre-trained)"))
@@ -401,7 +419,10 @@ class CAPRun:
         parts: Dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=self.device)
         teacher_out = None
-        if cfg.kd and self.teacher is not None:
+        cached = None
+        if cfg.kd and self.teacher_logits is not None:
+            cached = self.teacher_logits[batch["example_id"]]
+        elif cfg.kd and self.teacher is not None:
             with torch.no_grad(), self._autocast():
                 teacher_out = self.teacher(**inputs)
         if cfg.is_qa:
@@ -415,8 +436,9 @@ class CAPRun:
         else:
             if "labels" in batch and cfg.ce_weight:
                 parts["ce"] = task_loss(out.logits, batch["labels"], self.regression)
-            if teacher_out is not None:
-                parts["kd"] = kd_loss(out.logits, teacher_out.logits, cfg.kd_temperature, self.regression)
+            t_logits = cached if cached is not None else (None if teacher_out is None else teacher_out.logits)
+            if t_logits is not None:
+                parts["kd"] = kd_loss(out.logits, t_logits, cfg.kd_temperature, self.regression)
         if "ce" in parts:
             total = total + cfg.ce_weight * parts["ce"]
         if "kd" in parts:
@@ -449,6 +471,7 @@ class CAPRun:
             "pruner": None if self.pruner is None else self.pruner.state_dict(),
             "structured_masks": None if self.structured_masks is None else self.structured_masks.state_dict(),
             "banks": {k: b.state_dict() for k, b in self.banks.items()},
+            "teacher_logits": self.teacher_logits,
             "global_step": self.global_step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "iteration": self.iteration, "history": self.history,
             "negatives": self.negatives.get_state(), "train_seconds": self._train_time(),
@@ -733,6 +756,10 @@ class CAPRun:
         self._setup_teacher()
         if state is not None:
             self.banks = {k: MemoryBank.from_state_dict(v, self.device) for k, v in state["banks"].items()}
+            cached = state.get("teacher_logits")  # absent from checkpoints that predate the cache
+            self.teacher_logits = None if cached is None else cached.to(self.device)
+            if self.teacher_logits is None and self._cache_teacher_logits():
+                self.teacher_logits = self._encode(self.teacher, "KD logits (teacher)", logits=True)[1]
             self.global_step, self.epoch = state["global_step"], state["epoch"]
             self.batch_in_epoch, self.iteration = state["batch_in_epoch"], state["iteration"]
             self.history = state["history"]
