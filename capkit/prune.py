@@ -62,6 +62,8 @@ _HELP = {
     "soft_threshold": "soft movement: final threshold tau of sigmoid(scores)",
     "reg_lambda": "soft movement: final weight of the L1 term",
     "global_topk": "one top-k threshold over all matrices instead of one per matrix",
+    "freeze_embeddings": "keep the embeddings (word, position, type, their LayerNorm) at their pre-trained values; "
+                         "on for the unstructured methods as in movement pruning's code, off for cap-f and finetune",
     "structured_fractions": "cap-f: fractions of heads and neurons removed, one pruning iteration each",
     "structured_epochs": "cap-f: retraining epochs per iteration",
     "ce_weight": "weight of the task loss",
@@ -116,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
         kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
         if f.name == "method":
             p.add_argument(flag, choices=list(METHODS), **kwargs)
-        elif f.name in ("prc", "snc", "fic", "kd", "bf16", "global_topk", "tensorboard", "progress", "resume"):
+        elif f.name in ("prc", "snc", "fic", "kd", "bf16", "global_topk", "freeze_embeddings", "tensorboard",
+                        "progress", "resume"):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif f.name in ("structured_fractions",):
             p.add_argument(flag, type=float, nargs="+", metavar="F", **kwargs)

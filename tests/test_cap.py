@@ -236,6 +236,22 @@ def test_resume_gives_the_same_result(tiny, tmp_path, monkeypatch):
         _run(_cfg(tiny, tmp_path / "b", save_every=2, resume=True, sparsity=0.5), teacher=teacher)
 
 
+@pytest.mark.parametrize("freeze", [None, False])
+def test_unstructured_runs_keep_the_pretrained_embeddings(tiny, tmp_path, freeze):
+    kw = {} if freeze is None else {"freeze_embeddings": freeze}
+    _run(_cfg(tiny, tmp_path / "run", epochs=1.0, **kw), teacher=_teacher(tiny))
+    before = transformers.BertModel.from_pretrained(tiny / "model").state_dict()
+    after = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "run" / "model-dense").state_dict()
+    emb = [k for k in before if k.startswith("embeddings.")]
+    assert len(emb) == 5  # word, position, type, LayerNorm weight and bias
+    same = {k: torch.equal(before[k], after["bert." + k]) for k in emb}
+    assert all(same.values()) if freeze is None else not any(same.values()), same
+    assert not torch.equal(before["encoder.layer.0.output.dense.bias"], after["bert.encoder.layer.0.output.dense.bias"])
+    # the default follows the method: cap-f (structured CAP's code) and teacher fine-tuning train them
+    assert [_cfg(tiny, tmp_path, method=m).resolved().freeze_embeddings for m in ("cap-m", "movement", "cap-f",
+                                                                                 "finetune")] == [True, True, False, False]
+
+
 def test_kd_from_cached_teacher_logits_matches_a_live_teacher(tiny, tmp_path, monkeypatch):
     from capkit.cap import trainer
 

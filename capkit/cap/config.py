@@ -72,6 +72,7 @@ class CAPConfig:
     soft_threshold: float = 0.1           # soft movement: final tau
     reg_lambda: float = 190.0             # soft movement: final L1 weight
     global_topk: bool = False
+    freeze_embeddings: Optional[bool] = None  # default: on for the unstructured methods, off for cap-f / finetune
     # structured pruning (cap-f)
     structured_fractions: List[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 10)])
     structured_epochs: Optional[float] = None
@@ -137,6 +138,9 @@ class CAPConfig:
             "unsup_weight": 0.3 if st else (0.5 if qa else 0.1),
             "sup_weight": 0.0 if qa else (3.0 if st else 10.0),
             "prc": contrastive, "snc": contrastive, "fic": contrastive,
+            # movement pruning's code (which CAP's unstructured code forks) keeps the embeddings at their
+            # pre-trained values; structured CAP and plain fine-tuning train them
+            "freeze_embeddings": not st and c.pruning_kind != "none",
             "bf16": False,  # the trainer turns it on for CUDA devices when left at None
         }
         for name, value in defaults.items():

@@ -185,6 +185,12 @@ class CAPRun:
         extra = load_extra_dev(cfg) if train is None else {}
         self.regression = bool(getattr(self.train_set, "is_regression", False))
         self.student, self.tokenizer = load_pretrained(cfg.model, self.train_set, qa=cfg.is_qa)
+        if cfg.freeze_embeddings:
+            embeddings = getattr(getattr(self.student, "base_model", self.student), "embeddings", None)
+            if not isinstance(embeddings, nn.Module):
+                raise ConfigError(f"freeze_embeddings: {cfg.model!r} has no embeddings module to freeze; "
+                                  f"pass --no-freeze-embeddings")
+            embeddings.requires_grad_(False)
         self.student.to(self.device)
         from capkit.cap.data import encode
 
