@@ -13,7 +13,7 @@ import dataclasses
 import sys
 from typing import Dict, List, Optional
 
-from capkit.cap.config import METHODS, CAPConfig, ConfigError, load_config_file, takes_blocks
+from capkit.cap.config import LEGACY_SETTINGS, METHODS, CAPConfig, ConfigError, load_config_file, takes_blocks
 
 __all__ = ["EMBEDDED_DEFAULT", "build_parser", "config_from_args", "main"]
 
@@ -169,7 +169,7 @@ def config_from_args(argv: Optional[List[str]] = None) -> CAPConfig:
 
         saved = Path(str(settings.get("output_dir", CAPConfig.output_dir))) / "config.json"
         if saved.exists():
-            base = json.loads(saved.read_text())
+            base = {**LEGACY_SETTINGS, **json.loads(saved.read_text())}
             base.update(settings)
             settings = base
     if "model" not in settings and "task" not in settings:

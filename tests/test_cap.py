@@ -289,6 +289,23 @@ def test_kd_from_cached_teacher_logits_matches_a_live_teacher(tiny, tmp_path, mo
         _cfg(tiny, tmp_path / "bad", teacher_logits="stored").resolved()
 
 
+def test_runs_saved_before_newer_settings_resume_as_they_started(tiny, tmp_path, monkeypatch):
+    from capkit.cap.config import LEGACY_SETTINGS
+    from capkit.cap.trainer import CAPRun
+    from capkit.prune import config_from_args
+
+    out = tmp_path / "old"
+    out.mkdir()
+    old = {k: v for k, v in _cfg(tiny, out).resolved().to_dict().items() if k not in LEGACY_SETTINGS}
+    (out / "config.json").write_text(json.dumps(old))
+    cfg = config_from_args(["--output-dir", str(out), "--resume"])
+    assert (cfg.teacher_logits, cfg.freeze_embeddings) == ("live", False)
+    torch.save({"config": old}, out / "checkpoint.pt")
+    assert CAPRun(cfg)._load_checkpoint()["config"] == old  # the settings agree
+    with pytest.raises(ConfigError, match="settings differ.*freeze_embeddings"):
+        CAPRun(_cfg(tiny, out, resume=True))._load_checkpoint()  # today's defaults would not
+
+
 def test_cap_f_prunes_heads_and_neurons_and_compacts(tiny, tmp_path):
     import capkit
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-__all__ = ["METHODS", "CAPConfig", "ConfigError", "load_config_file", "takes_blocks"]
+__all__ = ["LEGACY_SETTINGS", "METHODS", "CAPConfig", "ConfigError", "load_config_file", "takes_blocks"]
 
 # method -> (pruning kind, contrastive modules on by default)
 METHODS = {
@@ -31,6 +31,11 @@ BLOCK_KINDS = ("movement", "magnitude")  # the pruning kinds that can keep whole
 def takes_blocks(method: str) -> bool:
     """Whether ``method`` can prune in blocks (``block_size``): the top-k movement and magnitude methods."""
     return METHODS[method][0] in BLOCK_KINDS
+
+
+# Settings added after runs had been saved, with the behaviour those runs had: a run's saved
+# config.json / checkpoint without them resumes as it started.
+LEGACY_SETTINGS: Dict[str, Any] = {"teacher_logits": "live", "freeze_embeddings": False}
 
 
 class ConfigError(ValueError):

@@ -25,7 +25,7 @@ from torch import nn
 from capkit._io import atomic_torch_save, atomic_write_text
 from capkit.cap import distributed as dist
 from capkit.cap.banks import MemoryBank, encode_representations, model_inputs, to_device
-from capkit.cap.config import CAPConfig, ConfigError
+from capkit.cap.config import LEGACY_SETTINGS, CAPConfig, ConfigError
 from capkit.cap.losses import ContrastiveSettings, contrastive_loss, kd_loss, task_loss
 from capkit.cap.representations import RepresentationTap
 
@@ -503,7 +503,7 @@ class CAPRun:
             state = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc:
             raise ConfigError(f"resume: {path} cannot be read ({exc}); it is not a capkit checkpoint") from exc
-        saved = CAPConfig.from_dict(state["config"])
+        saved = CAPConfig.from_dict({**LEGACY_SETTINGS, **state["config"]})
         ignore = {"resume", "progress", "save_every", "device", "num_workers", "tensorboard"}
         diff = {k: (v, getattr(self.cfg, k)) for k, v in saved.to_dict().items()
                 if k not in ignore and getattr(self.cfg, k) != v}
