@@ -287,6 +287,12 @@ class CAPRun:
         return (self.cfg.kd and self.teacher is not None and self.cfg.teacher_logits == "cache"
                 and not self.cfg.is_qa)
 
+    def _ensure_teacher_logits(self) -> None:
+        """Encode the teacher's KD logits when they are cached and not there yet (no FiC bank
+        brought them, or a checkpoint from before the cache)."""
+        if self._cache_teacher_logits() and self.teacher_logits is None:
+            self.teacher_logits = self._encode(self.teacher, "KD logits (teacher)", logits=True)[1]
+
     def _need_teacher(self) -> bool:
         return self.cfg.kd or self.cfg.fic
 
@@ -320,16 +326,15 @@ class CAPRun:
 
     def _setup_banks(self) -> None:
         cfg = self.cfg
-        cache = self._cache_teacher_logits() and self.teacher_logits is None
         if cfg.fic and "fic" not in self.banks:
             self.banks["fic"] = MemoryBank("fic", self.example_labels)
-            if cache:  # the teacher's logits come with its bank, from the same forward
+            if self._cache_teacher_logits() and self.teacher_logits is None:
+                # the teacher's logits come with its bank, from the same forward
                 vecs, self.teacher_logits = self._encode(self.teacher, "FiC bank + KD logits (teacher)", logits=True)
             else:
                 vecs = self._encode(self.teacher, "FiC bank (teacher)")
             self.banks["fic"].add(vecs)
-        if self._cache_teacher_logits() and self.teacher_logits is None:
-            self.teacher_logits = self._encode(self.teacher, "KD logits (teacher)", logits=True)[1]
+        self._ensure_teacher_logits()
         if cfg.prc and "prc" not in self.banks and not self.cfg.structured:
             self.banks["prc"] = MemoryBank("prc", self.example_labels)
             self.banks["prc"].add(self._encode(self._bare_student(), "PrC bank (pre-trained)"))
@@ -764,8 +769,7 @@ class CAPRun:
             self.banks = {k: MemoryBank.from_state_dict(v, self.device) for k, v in state["banks"].items()}
             cached = state.get("teacher_logits")  # absent from checkpoints that predate the cache
             self.teacher_logits = None if cached is None else cached.to(self.device)
-            if self.teacher_logits is None and self._cache_teacher_logits():
-                self.teacher_logits = self._encode(self.teacher, "KD logits (teacher)", logits=True)[1]
+            self._ensure_teacher_logits()
             self.global_step, self.epoch = state["global_step"], state["epoch"]
             self.batch_in_epoch, self.iteration = state["batch_in_epoch"], state["iteration"]
             self.history = state["history"]
