@@ -200,6 +200,23 @@ def _plain_state_dict(model: nn.Module, fold: bool = True) -> Dict[str, torch.Te
     return out
 
 
+@contextmanager
+def quiet_transformers():
+    """transformers' load reports and progress bars off while capkit loads or saves a model: a
+    run says what matters in its own words."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def _check_model(model) -> None:
     if not isinstance(model, nn.Module) or not hasattr(model, "save_pretrained") or not hasattr(model, "config"):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
@@ -244,11 +261,13 @@ def save(model: nn.Module, path: Union[str, os.PathLike], format: str = "dense",
                     sparse.update(_encode(name, module, fixed[name], layers[name]))
                     del plain[name + ".weight"]
                 save_file({k: v.contiguous() for k, v in sparse.items()}, str(tmp / SPARSE_WEIGHTS))
-                model.save_pretrained(tmp, state_dict=plain)
+                with quiet_transformers():
+                    model.save_pretrained(tmp, state_dict=plain)
             else:
                 if format == "compact":
                     manifest["layers"] = {}  # pruned weights inside kept units are stored as zeros
-                model.save_pretrained(tmp, state_dict=plain)
+                with quiet_transformers():
+                    model.save_pretrained(tmp, state_dict=plain)
         finally:
             if previous is None:
                 del config.capkit_structure
@@ -313,7 +332,8 @@ def load(path: Union[str, os.PathLike], *, device: Union[str, torch.device] = "c
         raise CheckpointError(f"cannot read the config of {str(path)!r}: {exc}") from exc
     cls = _model_class(config, manifest)
     if manifest is None:
-        return cls.from_pretrained(path).to(device).eval()
+        with quiet_transformers():
+            return cls.from_pretrained(path).to(device).eval()
 
     from safetensors import SafetensorError
     from safetensors.torch import load_file

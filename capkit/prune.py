@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from capkit.cap.config import LEGACY_SETTINGS, METHODS, CAPConfig, ConfigError, load_config_file, takes_blocks
 
@@ -154,13 +154,20 @@ def _field_type(name: str, default):
 
 def config_from_args(argv: Optional[List[str]] = None) -> CAPConfig:
     """Settings = embedded default (when no model/task is named) < config file < flags."""
+    return _parse(argv)[0]
+
+
+def _parse(argv: Optional[List[str]]) -> Tuple[CAPConfig, Dict[str, str]]:
+    """The run's settings, and the config file each setting read from it came from."""
     args = build_parser().parse_args(argv)
     values = vars(args)
     command = values.pop("command")
     config_file = values.pop("config")
     settings: Dict[str, object] = {}
+    from_file: Dict[str, str] = {}
     if config_file:
         settings.update(load_config_file(config_file))
+        from_file = {name: config_file for name in settings if name not in values}
     settings.update(values)
     if settings.get("resume"):
         # continue with the run's own settings; flags given now must agree with them
@@ -169,8 +176,13 @@ def config_from_args(argv: Optional[List[str]] = None) -> CAPConfig:
 
         saved = Path(str(settings.get("output_dir", CAPConfig.output_dir))) / "config.json"
         if saved.exists():
-            base = {**LEGACY_SETTINGS, **json.loads(saved.read_text())}
+            try:
+                base = {**LEGACY_SETTINGS, **json.loads(saved.read_text())}
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise ConfigError.of("resume", f"cannot read the run's settings in {saved} ({exc})") from exc
             base.update(settings)
+            # where the run lives now: a run folder may have been moved or copied since it started
+            base["output_dir"] = str(settings.get("output_dir", CAPConfig.output_dir))
             settings = base
     if "model" not in settings and "task" not in settings:
         base = dict(EMBEDDED_DEFAULT)
@@ -188,24 +200,49 @@ def config_from_args(argv: Optional[List[str]] = None) -> CAPConfig:
         settings.setdefault("kd", False)
         for module in ("prc", "snc", "fic"):
             settings.setdefault(module, False)
-    return CAPConfig.from_dict(settings)
+    try:
+        cfg = CAPConfig.from_dict(settings)
+    except ConfigError as exc:
+        if exc.setting == "config" and not config_file:
+            raise ConfigError(str(exc), setting="resume") from exc  # unknown names in a saved config.json
+        raise
+    return cfg, from_file
+
+
+def _argument(setting: str, from_file: Dict[str, str]) -> str:
+    flag = "--" + setting.replace("_", "-")
+    if setting in from_file:
+        return f"{flag} ({setting} in {from_file[setting]})"
+    return flag
+
+
+def _usage_error(exc: Exception, from_file: Dict[str, str]) -> int:
+    """One line for a user's mistake, as argparse prints its own: ``capkit-prune: error: --flag: ...``."""
+    setting = getattr(exc, "setting", None)
+    if setting is None:
+        print(f"capkit-prune: error: {exc}", file=sys.stderr)
+    else:
+        print(f"capkit-prune: error: {_argument(setting, from_file)}: {exc.problem}", file=sys.stderr)
+    return 2
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from_file: Dict[str, str] = {}
     try:
-        cfg = config_from_args(argv)
-        cfg.resolved()  # fail on bad settings before loading anything
+        cfg, from_file = _parse(argv)
+        resolved = cfg.resolved()  # bad settings fail here, before anything is loaded
+        from capkit.cap.checks import check_inputs
+
+        check_inputs(resolved)  # and missing folders, files and columns: still no torch imported
     except ConfigError as exc:
-        print(f"capkit-prune: error: {exc}", file=sys.stderr)
-        return 2
+        return _usage_error(exc, from_file)
     from capkit.cap.data import DataError, LabelOrderError
     from capkit.cap.trainer import run
 
     try:
         run(cfg)
     except (ConfigError, DataError, LabelOrderError) as exc:
-        print(f"capkit-prune: error: {exc}", file=sys.stderr)
-        return 2
+        return _usage_error(exc, from_file)
     except KeyboardInterrupt:
         return 130
     return 0

@@ -174,6 +174,9 @@ def test_cap_m_end_to_end_with_self_finetuned_teacher(tiny, tmp_path, capsys):
     report = _run(_cfg(tiny, tmp_path / "run", block_size=16))
     err = capsys.readouterr().err
     assert "fine-tuning a teacher" in err
+    # the new head is said once, in capkit's words (the teacher's fine-tuning starts from the same model)
+    assert err.count("new classifier head (3 labels) initialised randomly") == 1, err
+    assert "LOAD REPORT" not in err and "MISSING" not in err and "Loading weights" not in err
     out = tmp_path / "run"
     assert (out / "teacher" / "capkit.json").exists()
     assert report["pruned"]["sparsity"] == pytest.approx(0.75, abs=0.01)
@@ -218,7 +221,11 @@ def test_resume_gives_the_same_result(tiny, tmp_path, monkeypatch):
     monkeypatch.undo()
     state = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
     assert state["global_step"] == 6 and state["train_seconds"] > 0
-    resumed = _run(_cfg(tiny, tmp_path / "b", save_every=2, resume=True), teacher=teacher)
+    # the run folder is copied elsewhere (another machine) and resumed there: where it lives is no setting
+    import shutil
+
+    shutil.copytree(tmp_path / "b", tmp_path / "moved" / "b")
+    resumed = _run(_cfg(tiny, tmp_path / "moved" / "b", save_every=2, resume=True), teacher=teacher)
     assert resumed["train_seconds"] >= round(state["train_seconds"], 3)  # the interrupted part counts too
     del state["train_seconds"]  # a checkpoint from before training times were recorded: time unknown, not 0
     assert state["teacher_logits"].shape == (48, 3)
@@ -229,9 +236,12 @@ def test_resume_gives_the_same_result(tiny, tmp_path, monkeypatch):
     assert again["pruned"]["metrics"] == straight["pruned"]["metrics"]
     assert resumed["pruned"]["metrics"] == straight["pruned"]["metrics"]
     a = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "a" / "model-dense").state_dict()
-    b = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "b" / "model-dense").state_dict()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)
+    for folder in (tmp_path / "b", tmp_path / "moved" / "b"):
+        b = transformers.BertForSequenceClassification.from_pretrained(folder / "model-dense").state_dict()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)
+    assert json.loads((tmp_path / "moved" / "b" / "config.json").read_text())["output_dir"] == \
+        str(tmp_path / "moved" / "b")
     with pytest.raises(ConfigError, match="settings differ"):
         _run(_cfg(tiny, tmp_path / "b", save_every=2, resume=True, sparsity=0.5), teacher=teacher)
 
@@ -348,12 +358,13 @@ def test_cli_config_file_flags_and_errors(tmp_path, capsys):
         assert cfg.block_size == blocks, argv
         cfg.resolved()  # valid as given
     assert main(["--method", "cap-f", "--block-size", "32"]) == 2  # an explicit conflict is an error
-    assert "block_size must be None for soft-movement and structured methods" in capsys.readouterr().err
+    assert "error: --block-size: must be None (--block-size 0) for soft-movement and structured methods" in \
+        capsys.readouterr().err
     assert main(["--task", "rte", "--sparsity", "2"]) == 2
-    assert "sparsity must be in [0, 1)" in capsys.readouterr().err
+    assert "error: --sparsity: must be in [0, 1)" in capsys.readouterr().err
     (tmp_path / "bad.json").write_text("{bad")
     assert main(["--config", str(tmp_path / "bad.json")]) == 2
-    assert "not valid JSON" in capsys.readouterr().err
+    assert "error: --config: " in (err := capsys.readouterr().err) and "not valid JSON" in err
     with pytest.raises(SystemExit):
         config_from_args(["--method", "cap-x"])
 
@@ -499,6 +510,9 @@ def test_embedded_default_short_real_run(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "running the embedded default" in proc.stderr
+    # transformers' load report (the new head's MISSING weights) becomes one line of capkit's
+    assert proc.stderr.count("new classifier head (5 labels) initialised randomly") == 1, proc.stderr[-3000:]
+    assert "LOAD REPORT" not in proc.stderr and "MISSING" not in proc.stderr
     report = json.loads((out / "report.json").read_text())
     assert (report["model"], report["task"], report["method"]) == ("minilm", "bbc_news", "cap-m")
     assert report["train_examples"] == 64 and report["dev_examples"] == 64
@@ -506,3 +520,15 @@ def test_embedded_default_short_real_run(tmp_path):
     assert 0.0 <= report["pruned"]["metrics"]["accuracy"] <= 1.0 and report["latency"]["speedup"] > 0
     assert (out / "model-sparse").is_dir() and (out / "model-dense").is_dir()
     assert "speed-up" in proc.stdout
+
+
+def test_cli_resume_takes_the_folder_it_is_given(tmp_path):
+    """A run folder moved or copied since it started resumes where it is now, not where its
+    config.json says it was."""
+    from capkit.prune import config_from_args
+
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "config.json").write_text(json.dumps({"model": "m", "task": "rte", "output_dir": "/elsewhere/run"}))
+    cfg = config_from_args(["--output-dir", str(moved), "--resume"])
+    assert (cfg.output_dir, cfg.model, cfg.task) == (str(moved), "m", "rte")

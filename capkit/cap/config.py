@@ -12,7 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-__all__ = ["LEGACY_SETTINGS", "METHODS", "CAPConfig", "ConfigError", "load_config_file", "takes_blocks"]
+from capkit.cap.tasks import TASKS
+
+__all__ = ["LEGACY_SETTINGS", "METHODS", "TASK_NAMES", "CAPConfig", "ConfigError", "canonical_task",
+           "load_config_file", "takes_blocks"]
+
+#: Every task capkit-prune runs: the GLUE tasks and SQuAD, the embedded BBC News, a user's own file.
+TASK_NAMES = (*TASKS, "bbc_news", "text")
 
 # method -> (pruning kind, contrastive modules on by default)
 METHODS = {
@@ -39,7 +45,30 @@ LEGACY_SETTINGS: Dict[str, Any] = {"teacher_logits": "live", "freeze_embeddings"
 
 
 class ConfigError(ValueError):
-    """A setting has a value that cannot work; the message names it."""
+    """A setting has a value that cannot work; the message names it.
+
+    ``setting`` is the name of the setting to blame (``data_dir``) when there is one, and
+    ``problem`` what is wrong with it; the command line prints the two as ``--data-dir: <problem>``.
+    """
+
+    def __init__(self, message: str, *, setting: Optional[str] = None, problem: Optional[str] = None):
+        super().__init__(message)
+        self.setting = setting
+        self.problem = message if problem is None else problem
+
+    @classmethod
+    def of(cls, setting: str, problem: str) -> "ConfigError":
+        """The error of one setting: ``"<setting>: <problem>"``."""
+        return cls(f"{setting}: {problem}", setting=setting, problem=problem)
+
+
+def canonical_task(task: str) -> str:
+    """The name capkit uses for ``task``: case, dashes and underscores aside (``SST-2`` -> ``sst2``,
+    ``bbc-news`` -> ``bbc_news``); a name it does not know comes back unchanged."""
+    def key(name: str) -> str:
+        return name.lower().replace("-", "").replace("_", "")
+
+    return next((name for name in TASK_NAMES if key(name) == key(task)), task)
 
 
 @dataclass
@@ -126,7 +155,10 @@ class CAPConfig:
         """A copy with every ``None`` replaced by the method's and task's default, validated."""
         c = dataclasses.replace(self)
         if c.method not in METHODS:
-            raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {c.method!r}")
+            raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {c.method!r}", setting="method",
+                              problem=f"must be one of {', '.join(METHODS)}, got {c.method!r}")
+        if isinstance(c.task, str):
+            c.task = canonical_task(c.task)
         contrastive = METHODS[c.method][1]
         qa, st = c.is_qa, c.structured
         defaults = {
@@ -159,7 +191,11 @@ class CAPConfig:
     def validate(self) -> None:
         def need(cond: bool, name: str, expected: str):
             if not cond:
-                raise ConfigError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+                problem = f"must be {expected}, got {getattr(self, name)!r}"
+                raise ConfigError(f"{name} {problem}", setting=name, problem=problem)
+
+        if not (isinstance(self.task, str) and canonical_task(self.task) in TASK_NAMES):
+            raise ConfigError.of("task", f"unknown task {self.task!r}; expected one of {', '.join(TASK_NAMES)}")
 
         need(self.method in METHODS, "method", f"one of {', '.join(METHODS)}")
         need(0.0 <= self.sparsity < 1.0, "sparsity", "in [0, 1)")
@@ -182,13 +218,15 @@ class CAPConfig:
         need(0.0 <= self.soft_threshold < 1.0, "soft_threshold", "in [0, 1)")
         need(self.block_size in (None, 16, 32, 64, 128), "block_size", "None or one of 16, 32, 64, 128")
         need(self.block_size is None or takes_blocks(self.method), "block_size",
-             "None for soft-movement and structured methods")
+             "None (--block-size 0) for soft-movement and structured methods")
         need(self.save_every >= 0, "save_every", ">= 0")
         need(self.teacher_epochs >= 0, "teacher_epochs", ">= 0")
         need(all(0.0 < f < 1.0 for f in self.structured_fractions) and
              list(self.structured_fractions) == sorted(set(self.structured_fractions)),
              "structured_fractions", "increasing fractions in (0, 1)")
-        need(self.task != "text" or self.train_file is not None, "train_file", "a CSV/JSONL file for task 'text'")
+        need(self.task != "text" or self.train_file is not None, "train_file", "a CSV/TSV/JSONL file for task 'text'")
+        need(self.max_train_examples is None or self.max_train_examples >= 1, "max_train_examples", ">= 1")
+        need(self.max_eval_examples is None or self.max_eval_examples >= 1, "max_eval_examples", ">= 1")
         if self.export_formats is not None:
             bad = [f for f in self.export_formats if f not in ("dense", "compact", "sparse")]
             need(not bad, "export_formats", "a list of dense, compact, sparse")
@@ -202,7 +240,8 @@ class CAPConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
-            raise ConfigError(f"unknown setting(s) {unknown}; see `capkit-prune --help` for the valid ones")
+            raise ConfigError(f"unknown setting(s) {unknown}; see `capkit-prune --help` for the valid ones",
+                              setting="config")
         return cls(**values)
 
 
@@ -210,22 +249,25 @@ def load_config_file(path: str) -> Dict[str, Any]:
     """Settings from a YAML or JSON file (keys as in :class:`CAPConfig`, dashes allowed)."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file {path!r} does not exist")
-    text = p.read_text()
+        raise ConfigError.of("config", f"no such file {path}" if not p.exists() else f"{path} is not a file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError.of("config", f"cannot read {path} ({exc})") from exc
     if p.suffix.lower() in (".yaml", ".yml"):
         try:
             import yaml
         except ImportError as exc:  # pragma: no cover - PyYAML ships with transformers' deps
-            raise ConfigError("reading a YAML config needs PyYAML: `pip install pyyaml` (or use JSON)") from exc
+            raise ConfigError.of("config", "reading a YAML config needs PyYAML: `pip install pyyaml` (or use JSON)") from exc
         try:
             values = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path!r} is not valid YAML: {exc}") from exc
+            raise ConfigError.of("config", f"{path} is not valid YAML: {exc}".replace("\n", " ")) from exc
     else:
         try:
             values = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ConfigError(f"config file {path!r} is not valid JSON: {exc}") from exc
+            raise ConfigError.of("config", f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(values, dict):
-        raise ConfigError(f"config file {path!r} must hold a mapping of settings")
+        raise ConfigError.of("config", f"{path} must hold a mapping of settings (name: value)")
     return {str(k).replace("-", "_"): v for k, v in values.items()}

