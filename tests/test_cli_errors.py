@@ -88,9 +88,23 @@ def test_missing_model_folder_is_not_a_hub_name(files):
     _fails(_text_args(files, **{"--model": "/nonexistent"}), "--model:", "no such folder /nonexistent")
 
 
+def test_unknown_hub_model(files):
+    # a name that could be a hub id, with the hub out of reach (HF_HUB_OFFLINE): found when the tokenizer loads
+    _fails(_text_args(files, **{"--model": "no-such-model-xyz"}), "--model:", "not a local folder",
+           "Hugging Face hub")
+
+
+def test_a_setting_from_a_config_file_is_named_with_the_file(files):
+    (files["root"] / "run.yaml").write_text("task: sst2\ndata-dir: /nonexistent\n")
+    _fails(["--config", files["root"] / "run.yaml", "--model", files["model"]], "--data-dir (data_dir in",
+           "run.yaml): no such folder /nonexistent")
+
+
 def test_model_folder_without_config(files):
     (files["root"] / "empty").mkdir()
     _fails(_text_args(files, **{"--model": files["root"] / "empty"}), "--model:", "no config.json")
+    (files["root"] / "empty" / "config.json").write_text("{not json")
+    _fails(_text_args(files, **{"--model": files["root"] / "empty"}), "--model:", "cannot read", "config.json")
 
 
 def test_missing_data_folder(files):
