@@ -155,6 +155,7 @@ def get_task(task: str) -> TaskSpec:
 # --------------------------------------------------------------------------------------------
 
 def model_label_names(model_config) -> List[str]:
+    """A model config's label names in id order (from id2label, else label2id); [] when it has none."""
     id2label = getattr(model_config, "id2label", None) or {}
     names = {int(i): str(n) for i, n in id2label.items()}
     if not names:

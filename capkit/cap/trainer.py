@@ -148,9 +148,12 @@ def _say_new_head(model, info: dict, name: str, head: str) -> None:
     if not missing:
         return
     prefix = getattr(model, "base_model_prefix", "") + "."
-    others = [k for k in missing if k.startswith(prefix)]  # weights of the encoder itself
-    note = f"; also not in the checkpoint, so random too: {', '.join(others[:4])}" if others else ""
-    _log(f"new {head} initialised randomly ({name} has none for this task){note}")
+    encoder = [k for k in missing if k.startswith(prefix)]  # weights of the encoder itself
+    if len(encoder) < len(missing):
+        _log(f"new {head} initialised randomly ({name} has none for this task)")
+    if encoder:
+        more = f" and {len(encoder) - 4} more" if len(encoder) > 4 else ""
+        _log(f"not in {name}'s checkpoint, so initialised randomly: {', '.join(encoder[:4])}{more}")
 
 
 def load_pretrained(name: str, train, *, qa: bool = False, say_new_head: bool = True):
