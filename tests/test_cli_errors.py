@@ -165,6 +165,13 @@ def test_teacher_whose_labels_differ(files):
     _fails(_text_args(files, **{"--teacher": files["teacher"]}), "--teacher:", "label names differ", "fruit")
 
 
+def test_a_model_with_another_classifier(files):
+    # a fine-tuned 3-label classifier as --model for 2-label data: its head cannot be loaded
+    other = _model(files["root"] / "clf3", architectures=["BertForSequenceClassification"],
+                   id2label={"0": "a", "1": "b", "2": "c"})
+    _fails(_text_args(files, **{"--model": other}), "--model:", "3 output(s)", "the data has 2")
+
+
 def test_sequence_length_beyond_the_model(files):
     short = _model(files["root"] / "short", max_position_embeddings=64)
     _fails(_text_args(files, **{"--model": short, "--max-length": "100"}), "--max-length:", "100 tokens",

@@ -182,6 +182,25 @@ def load_pretrained(name: str, train, *, qa: bool = False, say_new_head: bool = 
     return model, tokenizer
 
 
+def check_model_head(cfg: CAPConfig, train) -> None:
+    """A --model that is already a classifier must have the data's number of labels: its head
+    cannot be loaded into another size (read from its config.json, no weights)."""
+    from capkit.cap.checks import model_config
+    from capkit.cap.tasks import model_label_names
+
+    config = None if cfg.is_qa else model_config(cfg.model, "model")
+    if config is None or not any("ForSequenceClassification" in a for a in config.get("architectures") or ()):
+        return
+    from types import SimpleNamespace
+
+    names = model_label_names(SimpleNamespace(id2label=config.get("id2label"), label2id=config.get("label2id")))
+    have = len(names) or config.get("num_labels")
+    if have and have != train.num_labels:
+        raise ConfigError.of("model", f"{cfg.model} is a classifier with {have} output(s), the data has "
+                                      f"{train.num_labels}; start from a pre-trained model without a task head "
+                                      f"(or pass this one as --teacher when its labels match)")
+
+
 def check_teacher_labels(cfg: CAPConfig, train) -> None:
     """A given teacher's labels against the data set's, from its config.json alone (no weights)."""
     from capkit.cap.checks import model_config
@@ -269,6 +288,7 @@ class CAPRun:
         extra = load_extra_dev(cfg) if train is None else {}
         self.regression = bool(getattr(self.train_set, "is_regression", False))
         # what can be checked from the data alone fails here, before any model loads
+        check_model_head(cfg, self.train_set)
         check_teacher_labels(cfg, self.train_set)
         if not cfg.is_qa and not cfg.structured and cfg.pruning_kind != "none":
             self.num_examples = len(self.train_set)  # QA counts features, known after tokenising
