@@ -124,11 +124,36 @@ def test_encode_representations_rows_follow_example_ids():
 
 
 # -- configuration ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("warmup,total", [(0, 7), (1, 1), (3, 10), (11, 127)])
+def test_learning_rate_schedule_is_the_published_one(warmup, total):
+    """The factors of transformers' linear warm-up/decay schedule, step for step (the first step at 0)."""
+    from capkit.cap.trainer import _linear_warmup_decay
+
+    def lrs(make):
+        p = torch.nn.Parameter(torch.zeros(1))
+        opt = torch.optim.SGD([p], lr=1.0)
+        sched = make(opt)
+        out = []
+        for _ in range(total):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    ours = lrs(lambda o: _linear_warmup_decay(o, warmup, total))
+    theirs = lrs(lambda o: transformers.get_linear_schedule_with_warmup(o, warmup, total))
+    assert ours == pytest.approx(theirs, abs=1e-12)
+
+
 def test_config_defaults_and_errors():
     c = CAPConfig(method="cap-f").resolved()
     assert (c.kd_temperature, c.unsup_weight, c.sup_weight, c.batch_size, c.learning_rate) == (1.0, 0.3, 3.0, 16, 2e-5)
     c = CAPConfig(method="cap-m", task="squad").resolved()
     assert (c.unsup_weight, c.sup_weight, c.max_length, c.initial_warmup, c.final_warmup) == (0.5, 0.0, 384, 1.0, 2.0)
+    # structured SQuAD retrains at 3e-5 (StructuredPruning/run_squad.sh), structured GLUE at 2e-5
+    c = CAPConfig(method="cap-f", task="squad").resolved()
+    assert (c.learning_rate, c.contrastive_temperature, c.kd_temperature, c.batch_size) == (3e-5, 0.3, 1.0, 16)
+    assert CAPConfig(method="cap-m", task="sst2").resolved().learning_rate == 3e-5
     c = CAPConfig(method="movement").resolved()
     assert not (c.prc or c.snc or c.fic) and c.kd
     with pytest.raises(ConfigError, match="sparsity must be in"):

@@ -251,9 +251,12 @@ def _restore_optimisation(state: dict, optimizer, scheduler) -> None:
 
 
 def _linear_warmup_decay(optimizer, warmup: int, total: int):
+    """Linear warm-up from 0 over ``warmup`` steps, then linear decay to 0 at ``total``: the
+    factors of ``transformers.get_linear_schedule_with_warmup``, which the published scripts use
+    (the first optimiser step runs at learning rate 0)."""
     def factor(step: int) -> float:
         if step < warmup:
-            return (step + 1) / max(1, warmup)
+            return step / max(1, warmup)
         return max(0.0, (total - step) / max(1, total - warmup))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
