@@ -104,6 +104,7 @@ class CAPConfig:
     resume: bool = False
     max_train_examples: Optional[int] = None
     max_eval_examples: Optional[int] = None
+    eval_file: Optional[str] = None       # a further labelled file: the exported model and the teacher are scored on it
     export_formats: Optional[List[str]] = None
     tensorboard: bool = True
     progress: bool = True
@@ -190,6 +191,8 @@ class CAPConfig:
              list(self.structured_fractions) == sorted(set(self.structured_fractions)),
              "structured_fractions", "increasing fractions in (0, 1)")
         need(self.task != "text" or self.train_file is not None, "train_file", "a CSV/JSONL file for task 'text'")
+        if self.eval_file is not None:
+            need(Path(self.eval_file).is_file(), "eval_file", "an existing labelled file")
         if self.export_formats is not None:
             bad = [f for f in self.export_formats if f not in ("dense", "compact", "sparse")]
             need(not bad, "export_formats", "a list of dense, compact, sparse")
