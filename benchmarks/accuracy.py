@@ -28,6 +28,11 @@ Settings after ``--`` go to ``capkit-prune`` unchanged (model, data folder, size
       --methods movement@0.9 cap-m@0.9 cap-f@0.5 cap-f@0.9 -- \\
       --data-dir glue/SST-2 --model minilm --max-train-examples 2000 --epochs 5
 
+``--teacher PATH`` uses one fine-tuned teacher for every seed (no per-seed fine-tuning; its runs
+live under ``<task>/teacher-<name>/``) and records it with its own dev metrics. ``--eval-file
+PATH`` also scores every exported model and its teacher on a further labelled file (reported
+beside dev; runs that finished before are scored from their exports, nothing is retrained).
+
 Runs take long: each run's folder (``<out>/accuracy_runs/<task>/seed-<seed>/<method>``) keeps its
 checkpoints, so starting the same command again resumes where it stopped; a finished run is read
 back from its report, not run again. ``--collect`` trains nothing: it tabulates the finished runs
@@ -159,16 +164,92 @@ def _row(task: str, seed: int, spec: str, report: Dict, seconds: Optional[float]
     }
 
 
+def _main_of(metrics: Optional[Dict]) -> Optional[float]:
+    return None if not metrics or metrics.get("main") is None else float(metrics["main"])
+
+
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _run_settings(run_dir: Path) -> Dict:
+    path = run_dir / "config.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _score_saved(model_dir: Path, task: str, eval_file: Path, run_cfg: Dict) -> Dict:
+    """Metrics of a saved model on the eval file, with the run's own sizes and columns."""
+    from capkit.cap.evaluation import load_saved_model, score_file
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_saved_model(model_dir, device=device)
+    return score_file(model, tokenizer, task, eval_file, max_length=run_cfg.get("max_length"),
+                      doc_stride=run_cfg.get("doc_stride", 128), batch_size=run_cfg.get("eval_batch_size", 64),
+                      device=device, text_column=run_cfg.get("text_column", "text"),
+                      text_pair_column=run_cfg.get("text_pair_column"),
+                      label_column=run_cfg.get("label_column", "label"))["metrics"]
+
+
+def eval_file_scores(out: Path, report: Dict, task: str, eval_file: Path, teacher: Path,
+                     teacher_cache: Dict) -> Dict:
+    """``{"pruned", "dense"}`` metrics on ``eval_file`` of a run's exported model and its teacher:
+    from the run's report when it scored that file, else scored now from the exports (cached in
+    ``<run>/eval_file.json``; the teacher once per teacher and file)."""
+    key = {"file": str(eval_file.resolve()), "sha256": _file_sha256(eval_file)}
+    recorded = report.get("eval_file") or {}
+    if recorded.get("file") and Path(recorded["file"]).resolve() == eval_file.resolve():
+        teacher_cache.setdefault((str(teacher), key["sha256"]), recorded.get("dense"))
+        return {"pruned": recorded.get("pruned"), "dense": recorded.get("dense"), "model": recorded.get("model")}
+    cache = out / "eval_file.json"
+    scored = json.loads(cache.read_text()) if cache.exists() else {}
+    run_cfg = _run_settings(out)
+    if {k: scored.get(k) for k in key} != key:
+        fmt = next((f for f in ("compact", "sparse", "dense") if f in report.get("exports", {})), None)
+        if fmt is None:
+            raise ValueError(f"{out}: no exported model to score on {eval_file}")
+        from capkit._io import atomic_write_text
+
+        scored = {**key, "model": fmt, "pruned": _score_saved(out / f"model-{fmt}", task, eval_file, run_cfg)}
+        atomic_write_text(cache, json.dumps(scored, indent=2))
+    tkey = (str(teacher), key["sha256"])
+    if teacher_cache.get(tkey) is None:
+        teacher_cache[tkey] = _score_saved(teacher, task, eval_file, run_cfg)
+    return {"pruned": scored["pruned"], "dense": teacher_cache[tkey], "model": scored["model"]}
+
+
+def _with_eval(row: Dict, scores: Optional[Dict]) -> Dict:
+    if scores is None:
+        return row
+    d, p = _main_of(scores.get("dense")), _main_of(scores.get("pruned"))
+    row.update({"eval_dense": d, "eval_pruned": p, "eval_kept": None if not d or p is None else p / d,
+                "metrics_eval_dense": scores.get("dense"), "metrics_eval_pruned": scores.get("pruned"),
+                "eval_model": scores.get("model")})
+    return row
+
+
 def _recorded(run_dir: Path) -> Dict:
     """The report a finished capkit-prune run wrote ({} when there is none)."""
     path = run_dir / "report.json"
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def teacher_folder_name(teacher: Path) -> str:
+    """``teacher-<folder name>``: where the runs with one given teacher live, per task."""
+    import re
+
+    return "teacher-" + (re.sub(r"[^A-Za-z0-9._-]+", "_", Path(teacher).resolve().name) or "given")
+
+
 def run_task(task: str, seed: int, methods: List[str], settings: List[str], root: Path,
-             base: Optional[Path] = None, collect: bool = False) -> Tuple[List[Dict], List[Dict]]:
+             base: Optional[Path] = None, collect: bool = False, teacher_path: Optional[Path] = None,
+             eval_file: Optional[Path] = None, teacher_cache: Optional[Dict] = None
+             ) -> Tuple[List[Dict], List[Dict]]:
     """The teacher and every method on one task and seed; returns (rows, failures).
-    ``collect``: train nothing, read the finished runs and list the others as not run."""
+    ``collect``: train nothing, read the finished runs and list the others as not run.
+    ``teacher_path``: one given teacher for every seed (nothing fine-tuned). ``eval_file``: also
+    score each exported model and its teacher on this labelled file."""
     from capkit._io import atomic_write_text
     from capkit.cap.trainer import CHECKPOINT, finetune_teacher, run
     from capkit.prune import config_from_args
@@ -177,11 +258,16 @@ def run_task(task: str, seed: int, methods: List[str], settings: List[str], root
     rows: List[Dict] = []
     failures: List[Dict] = []
     common = [*settings, "--task", task, "--seed", str(seed), "--no-progress", "--no-tensorboard"]
-    folder = root / task / f"seed-{seed}"
-    teacher = folder / "teacher"
+    teacher_cache = {} if teacher_cache is None else teacher_cache
+    if teacher_path is not None:
+        folder = root / task / teacher_folder_name(teacher_path) / f"seed-{seed}"
+        teacher = Path(teacher_path).resolve()
+    else:
+        folder = root / task / f"seed-{seed}"
+        teacher = folder / "teacher"
     teacher_seconds = None
     try:
-        if not (teacher / "capkit.json").exists():
+        if teacher_path is None and not (teacher / "capkit.json").exists():
             if collect:
                 return rows, [{"task": task, "seed": seed, "method": "teacher", "error": "not run (--collect)"}]
             print(f"[accuracy] {task}, seed {seed}: fine-tuning the dense teacher", flush=True)
@@ -191,11 +277,15 @@ def run_task(task: str, seed: int, methods: List[str], settings: List[str], root
     except Exception as exc:  # no teacher: no run of this task and seed can be compared
         return rows, [{"task": task, "seed": seed, "method": "teacher", "error": repr(exc)[:300]}]
     # the teacher's training time as its run recorded it, like the methods' train_s
-    teacher_seconds = _recorded(folder / "teacher.run").get("train_seconds", teacher_seconds)
+    if teacher_path is None:
+        teacher_seconds = _recorded(folder / "teacher.run").get("train_seconds", teacher_seconds)
     for spec in methods:
         out = folder / spec
-        made_with = [*common, *method_flags(spec, settings)]  # the settings, less the folders
+        # the settings, less the folders (a given teacher is part of them); the eval file changes no training
+        made_with = [*common, *method_flags(spec, settings)] + ([] if teacher_path is None else ["--teacher", str(teacher)])
         argv = [*made_with, "--teacher", str(teacher), "--output-dir", str(out)]
+        if eval_file is not None:
+            argv += ["--eval-file", str(eval_file)]
         try:
             recorded = json.loads((out / RUN_ARGS).read_text()) if (out / RUN_ARGS).exists() else None
             if recorded is not None and recorded != made_with:
@@ -203,7 +293,10 @@ def run_task(task: str, seed: int, methods: List[str], settings: List[str], root
                                  f"remove it or pick another --out")
             if recorded is not None and (out / "report.json").exists():
                 print(f"[accuracy] {task}, seed {seed}: {spec} finished before, reading its report", flush=True)
-                rows.append(_row(task, seed, spec, _recorded(out), None, teacher_seconds, out, base))
+                report = _recorded(out)
+                scores = None if eval_file is None else eval_file_scores(out, report, task, eval_file, teacher,
+                                                                         teacher_cache)
+                rows.append(_with_eval(_row(task, seed, spec, report, None, teacher_seconds, out, base), scores))
                 continue
             if collect:
                 failures.append({"task": task, "seed": seed, "method": spec, "error": "not run (--collect)"})
@@ -215,11 +308,27 @@ def run_task(task: str, seed: int, methods: List[str], settings: List[str], root
             t0 = time.perf_counter()
             report = run(cfg)
             seconds = time.perf_counter() - t0
+            scores = None if eval_file is None else eval_file_scores(out, report, task, eval_file, teacher,
+                                                                     teacher_cache)
         except Exception as exc:  # reported, never replaced by a number
             failures.append({"task": task, "seed": seed, "method": spec, "error": repr(exc)[:300]})
             continue
-        rows.append(_row(task, seed, spec, report, seconds, teacher_seconds, out, base))
+        rows.append(_with_eval(_row(task, seed, spec, report, seconds, teacher_seconds, out, base), scores))
     return rows, failures
+
+
+def given_teacher_record(teacher: Path, rows: List[Dict]) -> Dict:
+    """The given teacher: its folder, its dev metrics as the runs measured them (per task), and the
+    metrics it recorded itself when capkit fine-tuned it (None otherwise)."""
+    manifest = Path(teacher) / "capkit.json"
+    saved = None
+    if manifest.is_file():
+        saved = (json.loads(manifest.read_text()).get("extra") or {}).get("teacher_metrics")
+    dev: Dict[str, Optional[Dict]] = {}
+    for r in rows:
+        if r.get("metrics_dense") and r["task"] not in dev:
+            dev[r["task"]] = r["metrics_dense"]
+    return {"path": str(Path(teacher).resolve()), "dev": dev, "saved_metrics": saved}
 
 
 def _stats(values: List[Optional[float]]) -> Tuple[Optional[float], Optional[float]]:
@@ -240,7 +349,7 @@ def aggregate(rows: List[Dict]) -> Tuple[List[Dict], List[Dict]]:
         g = {"task": task, "method": spec, "seeds": sorted(r["seed"] for r in rs), "n": len(rs),
              "model": rs[0].get("model"), "train_examples": rs[0].get("train_examples"),
              "dev_examples": rs[0].get("dev_examples")}
-        for key in ("dense", "pruned", "kept", "sparsity", "speedup"):
+        for key in ("dense", "pruned", "kept", "sparsity", "speedup", "eval_dense", "eval_pruned", "eval_kept"):
             g[key + "_mean"], g[key + "_std"] = _stats([r.get(key) for r in rs])
         out.append(g)
     comparisons = []
@@ -262,7 +371,13 @@ def aggregate(rows: List[Dict]) -> Tuple[List[Dict], List[Dict]]:
         paired = sorted((r["seed"], r["pruned"] - base[r["seed"]]) for r in groups[(task, spec)]
                         if r.get("pruned") is not None and r["seed"] in base)
         diff_mean, diff_std = _stats([d for _, d in paired])
-        comparisons.append({"task": task, "method": spec, "baseline": other["method"], "n": min(g["n"], other["n"]),
+        ebase = {r["seed"]: r["eval_pruned"] for r in groups[(task, other["method"])] if r.get("eval_pruned") is not None}
+        epaired = sorted((r["seed"], r["eval_pruned"] - ebase[r["seed"]]) for r in groups[(task, spec)]
+                         if r.get("eval_pruned") is not None and r["seed"] in ebase)
+        emean, estd = _stats([d for _, d in epaired])
+        comparisons.append({"eval_paired_seeds": [seed for seed, _ in epaired],
+                            "eval_paired_diffs": [d for _, d in epaired], "eval_paired_mean": emean,
+                            "eval_paired_std": estd,"task": task, "method": spec, "baseline": other["method"], "n": min(g["n"], other["n"]),
                             "margin": margin, "spread": spread,
                             "margin_over_spread": None if not spread else margin / spread,
                             "paired_seeds": [seed for seed, _ in paired], "paired_diffs": [d for _, d in paired],
@@ -285,15 +400,29 @@ def summary_markdown(result: Dict) -> str:
              f"'kept' is the pruned model's metric as a fraction of its own seed's teacher. Every method trains "
              f"for the same number of epochs (cap-f spreads them over its pruning iterations). "
              f"capkit-prune settings: `{' '.join(result['settings']) or '(defaults)'}`.", ""]
+    t = result.get("teacher")
+    if t:
+        own = "; ".join(f"{task} dev {_pm(_main_of(m), None)}" for task, m in (t.get("dev") or {}).items()
+                        if m is not None)
+        saved = _main_of(t.get("saved_metrics"))
+        lines += [f"One teacher for every seed: `{t['path']}`" + (f" ({own})" if own else "")
+                  + ("" if saved is None else f"; {100 * saved:.2f} on the dev set it was trained against, as it "
+                     f"recorded") + ". No teacher was fine-tuned per seed.", ""]
+    if result.get("eval_file"):
+        lines += [f"Also scored on `{result['eval_file']}` (columns 'eval dense' / 'eval pruned': the teacher and the "
+                  f"exported model, main metric in %).", ""]
     groups = [{"task": g["task"], "method": g["method"], "seeds": g["n"], "train_examples": g["train_examples"],
                "dev_examples": g["dev_examples"], "dense": _pm(g["dense_mean"], g["dense_std"]),
                "pruned": _pm(g["pruned_mean"], g["pruned_std"]), "kept": _pm(g["kept_mean"], g["kept_std"], digits=1),
                "sparsity": _pm(g["sparsity_mean"], None, digits=1),
-               "speed-up": "-" if g["speedup_mean"] is None else f"{g['speedup_mean']:.2f}×"}
+               "speed-up": "-" if g["speedup_mean"] is None else f"{g['speedup_mean']:.2f}×",
+               "eval dense": _pm(g.get("eval_dense_mean"), g.get("eval_dense_std")),
+               "eval pruned": _pm(g.get("eval_pruned_mean"), g.get("eval_pruned_std"))}
               for g in result.get("groups", [])]
     if groups:
+        extra = ["eval dense", "eval pruned"] if result.get("eval_file") else []
         lines.append(markdown_table(groups, ["task", "method", "seeds", "train_examples", "dev_examples", "dense",
-                                             "pruned", "kept", "sparsity", "speed-up"]))
+                                             "pruned", "kept", "sparsity", "speed-up", *extra]))
     for c in result.get("comparisons", []):
         verdict = ("seeds' spread not known (fewer than two seeds)" if c["spread"] is None else
                    f"{'larger' if c['margin'] > c['spread'] else 'not larger'} than the seeds' spread "
@@ -307,6 +436,10 @@ def summary_markdown(result: Dict) -> str:
             lines[-1] += (f" Seed by seed ({', '.join(map(str, c['paired_seeds']))}): {diffs} points, "
                           f"mean {_pm(c['paired_mean'], c['paired_std'], digits=2)}{se}; ahead on "
                           f"{sum(d > 0 for d in c['paired_diffs'])} of {n}.")
+        if c.get("eval_paired_diffs"):
+            diffs = ", ".join(f"{100 * d:+.1f}" for d in c["eval_paired_diffs"])
+            lines[-1] += (f" On the eval file: {diffs} points, mean "
+                          f"{_pm(c['eval_paired_mean'], c['eval_paired_std'], digits=2)}.")
     rows = [{**r, "dense": None if r["dense"] is None else 100 * r["dense"],
              "pruned": None if r["pruned"] is None else 100 * r["pruned"],
              "sparsity": None if r["sparsity"] is None else 100 * r["sparsity"]} for r in result["rows"]]
@@ -339,7 +472,18 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="train nothing: tabulate the finished runs, list the others as not run")
     p.add_argument("--min-time", type=float, default=None, help="accepted for the runner; unused")
     p.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/<device>/)")
+    p.add_argument("--teacher", type=Path, default=None, metavar="PATH",
+                   help="one fine-tuned teacher folder for every seed (no per-seed teacher fine-tuning)")
+    p.add_argument("--eval-file", type=Path, default=None, metavar="PATH",
+                   help="a further labelled file of the task: every exported model and its teacher are scored on it")
     args = p.parse_args(argv)
+    if args.teacher is not None and not (args.teacher / "config.json").is_file():
+        p.error(f"--teacher: {args.teacher} is not a model folder (no config.json)")
+    if args.eval_file is not None and not args.eval_file.is_file():
+        p.error(f"--eval-file: no such file {args.eval_file}")
+    for flag in ("--teacher", "--eval-file"):
+        if flag in settings:
+            p.error(f"{flag}: give it before '--' (the benchmark's own option), not among the capkit-prune settings")
     try:
         for spec in args.methods:
             parse_method(spec)
@@ -363,15 +507,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     info = machine_info(device)
     rows: List[Dict] = []
     failures: List[Dict] = []
+    teacher_cache: Dict = {}
     for task in tasks:
         for seed in seeds:
-            r, f = run_task(task, seed, args.methods, settings, root, out, collect=args.collect)
+            r, f = run_task(task, seed, args.methods, settings, root, out, collect=args.collect,
+                            teacher_path=args.teacher, eval_file=args.eval_file, teacher_cache=teacher_cache)
             rows += r
             failures += f
     groups, comparisons = aggregate(rows)
     result = {"benchmark": "accuracy", "machine": info, "quick": args.quick, "tasks": tasks,
               "methods": args.methods, "seeds": seeds, "settings": settings, "rows": rows, "groups": groups,
-              "comparisons": comparisons, "failures": failures}
+              "comparisons": comparisons, "failures": failures,
+              "teacher": None if args.teacher is None else given_teacher_record(args.teacher, rows),
+              "eval_file": None if args.eval_file is None else str(args.eval_file)}
     publish("accuracy", device, result, summary_markdown(result), args.quick, out)
     return 1 if failures else 0
 

@@ -89,6 +89,9 @@ _HELP = {
     "resume": "continue the run in --output-dir from its checkpoint",
     "max_train_examples": "use a random subset of this many training examples",
     "max_eval_examples": "use a random subset of this many evaluation examples",
+    "eval_file": "a further labelled file to score the exported model and the teacher on, reported beside dev "
+                 "(GLUE: a TSV in the task's GLUE layout, or CSV/JSONL with its column names and 'label'; SQuAD: "
+                 "v1.1 JSON; text: the --text-column/--label-column of the training file)",
     "export_formats": "formats of the final model (dense, compact, sparse)",
     "tensorboard": "also log to TensorBoard when it is installed",
     "progress": "progress bars",

@@ -133,6 +133,7 @@ class CAPConfig:
     resume: bool = False
     max_train_examples: Optional[int] = None
     max_eval_examples: Optional[int] = None
+    eval_file: Optional[str] = None       # a further labelled file: the exported model and the teacher are scored on it
     export_formats: Optional[List[str]] = None
     tensorboard: bool = True
     progress: bool = True
@@ -228,6 +229,8 @@ class CAPConfig:
         need(self.task != "text" or self.train_file is not None, "train_file", "a CSV/TSV/JSONL file for task 'text'")
         need(self.max_train_examples is None or self.max_train_examples >= 1, "max_train_examples", ">= 1")
         need(self.max_eval_examples is None or self.max_eval_examples >= 1, "max_eval_examples", ">= 1")
+        if self.eval_file is not None:
+            need(Path(self.eval_file).is_file(), "eval_file", "an existing labelled file")
         if self.export_formats is not None:
             bad = [f for f in self.export_formats if f not in ("dense", "compact", "sparse")]
             need(not bad, "export_formats", "a list of dense, compact, sparse")

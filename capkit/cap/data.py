@@ -41,7 +41,7 @@ from capkit.cap.tasks import (TASKS, DataError, LabelOrderError, TaskSpec,  # no
 __all__ = [
     "TASKS", "TaskSpec", "get_task", "DataError", "LabelOrderError", "Example", "QAExample",
     "TextDataset", "EncodedDataset", "load_task", "load_text_file", "load_bbc_news", "encode",
-    "collate", "squad_postprocess", "check_label_order", "record_label_names",
+    "collate", "squad_postprocess", "check_label_order", "record_label_names", "load_labelled_file",
 ]
 
 Label = Union[int, float, None]
@@ -419,6 +419,55 @@ def load_text_file(path: PathLike, text_column: str, label_column: Optional[str]
         examples.append(Example(texts[0], texts[1] if len(texts) == 2 else None, label,
                                 row_index))
     return TextDataset(examples, label_names, "text_classification")
+
+
+def load_labelled_file(task: str, path: PathLike, *, text_column: str = "text",
+                       text_pair_column: Optional[str] = None, label_column: str = "label",
+                       label_names: Optional[Sequence[str]] = None) -> TextDataset:
+    """A labelled evaluation file for ``task``, scored like its dev set.
+
+    GLUE tasks: a ``.tsv`` in the task's GLUE layout (as its ``dev.tsv``), or a ``.csv`` /
+    ``.jsonl`` with the task's column names (``sentence``; ``premise``/``hypothesis``...) and
+    ``label`` (names or integers in the task's order). SQuAD: a v1.1 JSON file. ``text`` and
+    ``bbc_news``: a CSV/TSV/JSONL file with ``text_column`` / ``label_column``; ``label_names``
+    (the model's label order) maps its labels. Every row must have a label.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file {path}")
+    if task in TASKS:
+        spec = TASKS[task]
+        if spec.is_qa:
+            ds = _to_dataset(spec, _squad_json_records(path), None)
+            if not ds.examples or any(not ex.answers for ex in ds.examples):
+                raise DataError(f"{path}: every question needs at least one answer to be scored")
+            return ds
+        suffix = path.suffix.lower()
+        if suffix == ".tsv":
+            records = _glue_tsv_records(spec, path, "validation")
+        elif suffix in (".csv", ".jsonl"):
+            def rows():
+                for line, row in _user_rows(path, suffix):
+                    missing = [c for c in (*spec.text_columns, "label") if c not in row]
+                    if missing:
+                        raise DataError(f"{path} line {line}: no column {missing[0]!r} ({spec.name} needs "
+                                        f"{list(spec.text_columns) + ['label']}); columns found: {sorted(row)}")
+                    yield {"text_a": row[spec.text_columns[0]],
+                           "text_b": row[spec.text_columns[1]] if spec.is_pair else None,
+                           "label": row["label"], "where": f"{path} line {line}"}
+            records = rows()
+        else:
+            raise DataError(f"{path.name} must end in .tsv, .csv or .jsonl for {spec.name}")
+        ds = _to_dataset(spec, records, None)
+    else:
+        ds = load_text_file(path, text_column, label_column, text_pair_column, label_names=label_names)
+    if not ds.examples:
+        raise DataError(f"{path} has no rows")
+    unlabelled = [ex.example_id for ex in ds.examples if ex.label is None]
+    if unlabelled:
+        raise DataError(f"{path}: {len(unlabelled)} row(s) without a label (first: example {unlabelled[0]}); "
+                        f"only labelled files can be scored")
+    return ds
 
 
 def _argument_of(column: str, text_column: str, text_pair_column: Optional[str]) -> str:

@@ -83,6 +83,14 @@ def write_report(run) -> dict:
                                  "threads": torch.get_num_threads()}
             # the exported model must give the same predictions as the model it came from
             report["latency"]["export_matches"] = _same_predictions(student, loaded, batch)
+        if getattr(run, "eval_file", None) is not None:
+            # the exported model as a user loads it (the fast format when there is one), and the teacher
+            scored = next((f for f in ("compact", "sparse", "dense") if f in report["exports"]), None)
+            model = capkit.load(out / f"model-{scored}", device=run.device) if scored else student
+            report["eval_file"] = {
+                "file": str(cfg.eval_file), "examples": len(run.eval_file[0]), "model": scored or "in memory",
+                "pruned": run.evaluate_file(model),
+                "dense": run.evaluate_file(run.teacher) if run.teacher is not None else None}
         atomic_write_text(out / "report.md", _markdown(report, sparsity.table()))
         atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=str))  # last: marks the run done
         _print_summary(report)
@@ -107,7 +115,12 @@ def _markdown(report: dict, sparsity_table: str) -> str:
              + (f", training {report['train_seconds']:.0f} s" if report.get("train_seconds") is not None else ""), "",
              "| model | metrics |", "|---|---|",
              f"| dense ({report['dense']['source'] or 'n/a'}) | {_fmt(report['dense']['metrics'])} |",
-             f"| pruned | {_fmt(report['pruned']['metrics'])} |", "",
+             f"| pruned | {_fmt(report['pruned']['metrics'])} |"]
+    ef = report.get("eval_file")
+    if ef:
+        lines += [f"| dense on {ef['file']} | {_fmt(ef['dense'])} |",
+                  f"| pruned ({ef['model']} export) on {ef['file']} | {_fmt(ef['pruned'])} |"]
+    lines += ["",
              f"encoder sparsity {100 * report['pruned']['sparsity']:.2f}%, parameters "
              f"{report['pruned']['parameters']:,} ({report['pruned']['nonzero_parameters']:,} non-zero)", ""]
     lat = report.get("latency")
@@ -127,6 +140,12 @@ def _print_summary(report: dict) -> None:
     if main_dense is not None:
         print(f"dense  (teacher): {_fmt(report['dense']['metrics'])}")
     print(f"pruned          : {_fmt(report['pruned']['metrics'])}")
+    ef = report.get("eval_file")
+    if ef:
+        print(f"eval file       : {ef['file']} ({ef['examples']} examples)")
+        if ef["dense"] is not None:
+            print(f"  dense         : {_fmt(ef['dense'])}")
+        print(f"  pruned        : {_fmt(ef['pruned'])}")
     print(f"sparsity        : {100 * report['pruned']['sparsity']:.2f}% of encoder weights")
     lat = report.get("latency")
     if lat:

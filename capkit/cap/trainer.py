@@ -634,7 +634,7 @@ class CAPRun:
             raise ConfigError.of("resume", f"{path} cannot be read ({exc}); it is not a capkit checkpoint") from exc
         saved = CAPConfig.from_dict({**LEGACY_SETTINGS, **state["config"]})
         # how the run is watched and where it lives are not its settings: a run folder may be moved
-        ignore = {"resume", "progress", "save_every", "device", "num_workers", "tensorboard", "output_dir"}
+        ignore = {"resume", "progress", "save_every", "device", "num_workers", "tensorboard", "output_dir", "eval_file"}
         diff = {k: (v, getattr(self.cfg, k)) for k, v in saved.to_dict().items()
                 if k not in ignore and getattr(self.cfg, k) != v}
         if diff:
@@ -675,32 +675,10 @@ class CAPRun:
         return metrics
 
     def _evaluate_split(self, model: nn.Module, dev_set, dev_enc) -> Dict[str, float]:
-        from capkit.cap.metrics import compute_metrics
+        from capkit.cap.evaluation import evaluate_model
 
-        was_training = model.training
-        model.eval()
-        loader = self._loader(dev_enc, self.cfg.eval_batch_size)
-        preds, starts, ends = [], [], []
-        for batch in loader:
-            batch = to_device(batch, self.device)
-            with self._autocast():
-                out = model(**model_inputs(batch))
-            if self.cfg.is_qa:
-                starts.extend(out.start_logits.float().cpu())
-                ends.extend(out.end_logits.float().cpu())
-            else:
-                preds.append(out.logits.float().cpu())
-        model.train(was_training)
-        if self.cfg.is_qa:
-            from capkit.cap.data import squad_postprocess
-
-            answers = squad_postprocess(starts, ends, dev_enc, dev_set)
-            refs = [list(ex.answers) for ex in dev_set.examples]
-            return compute_metrics(dev_set.task, answers, refs)
-        logits = torch.cat(preds)
-        refs = [ex.label for ex in dev_set.examples]
-        predictions = logits.view(-1).numpy() if self.regression else logits.numpy()
-        return compute_metrics(dev_set.task, predictions, refs)
+        return evaluate_model(model, dev_set, dev_enc, device=self.device, batch_size=self.cfg.eval_batch_size,
+                              bf16=self.autocast_bf16)
 
     # -- training --------------------------------------------------------------------------------
     def _train_epochs(self, epochs: float, optimizer, scheduler, total_steps: int,
@@ -887,6 +865,7 @@ class CAPRun:
                               f"or choose another --output-dir")
         if not cfg.structured and cfg.pruning_kind != "none":
             self._schedule(self._unstructured_steps())  # a budget too short fails here, not after the teacher
+        self._load_eval_file()  # a bad --eval-file fails here, not after training
         if dist.is_main():
             atomic_write_text(self.out / "config.json", json.dumps(cfg.to_dict(), indent=2))
         self._setup_teacher()
@@ -923,6 +902,28 @@ class CAPRun:
                 self._log_file.close()
                 self._log_file = None
         return self.finish()
+
+    def _load_eval_file(self) -> None:
+        """The --eval-file data set and its features (scored at the end, beside dev)."""
+        cfg = self.cfg
+        self.eval_file = None
+        if cfg.eval_file is None:
+            return
+        from capkit.cap.data import encode, load_labelled_file
+
+        names = None if cfg.is_qa or self.regression else self.train_set.label_names
+        ds = load_labelled_file(cfg.task, cfg.eval_file, text_column=cfg.text_column,
+                                text_pair_column=cfg.text_pair_column, label_column=cfg.label_column,
+                                label_names=names)
+        if not cfg.is_qa and not self.regression and tuple(ds.label_names) != tuple(self.train_set.label_names):
+            raise ConfigError(f"eval_file: its labels {list(ds.label_names)} are not the training set's "
+                              f"{list(self.train_set.label_names)}")
+        self.eval_file = (ds, encode(ds, self.tokenizer, cfg.max_length, stride=cfg.doc_stride))
+
+    def evaluate_file(self, model: nn.Module) -> Dict[str, float]:
+        """Metrics of ``model`` on the --eval-file."""
+        ds, enc = self.eval_file
+        return self._evaluate_split(model, ds, enc)
 
     def finish(self) -> dict:
         from capkit.cap.report import write_report
