@@ -14,6 +14,7 @@ import platform
 import re
 import statistics
 import subprocess
+import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -231,3 +232,67 @@ def markdown_table(rows: List[Dict], columns: List[str]) -> str:
     for r in rows:
         lines.append("| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX Runtime: what a user deploys a dense model with on a CPU, the baseline beside torch dense
+# ---------------------------------------------------------------------------------------------
+ORT_MISSING_NOTE = ("onnxruntime (or onnx) is not installed, so the ONNX Runtime baseline is left out: "
+                    "pip install 'capkit[bench]'")
+
+
+def onnxruntime_info() -> Dict:
+    """{"onnxruntime": version} or {"onnxruntime": None, "onnxruntime_note": why it is missing}."""
+    from capkit.onnx_export import onnx_missing_reason
+
+    reason = onnx_missing_reason()
+    if reason is not None:
+        return {"onnxruntime": None, "onnxruntime_note": ORT_MISSING_NOTE}
+    import onnxruntime
+
+    return {"onnxruntime": onnxruntime.__version__}
+
+
+class OrtBaseline:
+    """A model exported through ``torch.onnx`` (masks folded) and run in an ONNX Runtime CPU
+    session with ``intra_op_num_threads`` = torch's threads, one inter-op thread and every graph
+    optimisation; ``call(inputs)`` gives a callable for the timers."""
+
+    def __init__(self, model, folder: Path, threads: Optional[int] = None):
+        from capkit.onnx_export import export_graph, ort_session, plain_copy
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.file = folder / "model.onnx"
+        export_graph(plain_copy(model), self.file)
+        self.threads = int(threads or torch.get_num_threads())
+        self.session = ort_session(self.file, self.threads)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def feeds(self, inputs: Dict[str, torch.Tensor]) -> Dict:
+        ids = inputs["input_ids"]
+        full = {"attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids), **inputs}
+        return {n: full[n].cpu().numpy() for n in self.input_names}
+
+    def call(self, inputs: Dict[str, torch.Tensor]) -> Callable[[], None]:
+        feeds = self.feeds(inputs)
+        session = self.session
+
+        def run() -> None:
+            session.run(None, feeds)
+
+        return run
+
+
+def ort_baseline_or_none(model, folder: Path, failures: Optional[List[Dict]] = None, **context):
+    """An :class:`OrtBaseline`, or None (with the reason in ``failures``) when ONNX Runtime is
+    missing or the export fails."""
+    if onnxruntime_info()["onnxruntime"] is None:
+        print(ORT_MISSING_NOTE, file=sys.stderr)
+        return None
+    try:
+        return OrtBaseline(model, folder)
+    except Exception as exc:  # the benchmark reports the failure and goes on with torch alone
+        if failures is not None:
+            failures.append({**context, "error": f"ONNX Runtime baseline: {type(exc).__name__}: {exc}"[:300]})
+        return None

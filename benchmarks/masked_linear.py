@@ -7,6 +7,10 @@ Baselines (same process, same inputs):
   bsr        PyTorch BSR (``W*M`` as ``to_sparse_bsr``) forward, block masks, where supported
   semi24     PyTorch semi-structured 2:4 forward (CUDA, fp16/bf16), where supported
 
+Unstructured masks on the CPU also time the CSR kernel (``cpu-csr``): inference forward with the
+format built once, the format build itself, and forward / input gradient with the format rebuilt
+every call (what a training step with a changing weight would pay).
+
 Usage:
   python -m benchmarks.masked_linear                 # CPU fp32 (or CUDA bf16 when present)
   python -m benchmarks.masked_linear --quick         # fewer tokens and points, a minute or two
@@ -28,6 +32,7 @@ from benchmarks.harness import machine_info, markdown_table, measure_peaks, publ
 from capkit._io import atomic_write_text
 from capkit.ops import BlockMask, NMMask, backend_status, masked_linear
 from capkit.ops._backends import TABLE_PATH, get_backend
+from capkit.ops.sparse_format import csr_linear, pack_csr
 
 SHAPES = {
     # name: (out_features N, in_features K); tokens M come from --tokens
@@ -156,6 +161,20 @@ def run(args) -> Dict:
                              "speedup_vs_masked": t_ref_fb / total if t_ref_fb else None,
                              "speedup_vs_dense": (t_dense_f + t_dense_dx + t_dense_dw) / total
                              if None not in (t_dense_f, t_dense_dx, t_dense_dw) else None})
+        if kind == "unstructured" and "cpu" in backends:
+            packed = pack_csr(w, dense_mask)
+            dense_mask_t = dense_mask.t().contiguous()
+            w_t = w.t().contiguous()
+            for op, fn, tdense, tref in (
+                    ("forward", lambda: csr_linear(x, packed, bias), t_dense_f, t_ref_f),
+                    ("forward+format", lambda: csr_linear(x, pack_csr(w, dense_mask), bias), t_dense_f, t_ref_f),
+                    ("grad_input+format", lambda: csr_linear(dy, pack_csr(w_t, dense_mask_t)), t_dense_dx, None)):
+                t = record("cpu-csr", op, fn, live_flops, io_live)
+                if t is not None:
+                    rows[-1]["speedup_vs_dense"] = tdense / t if tdense else None
+                    if tref:
+                        rows[-1]["speedup_vs_masked"] = tref / t
+            record("cpu-csr", "format_update", lambda: pack_csr(w, dense_mask), 0, n * k)
         if kind == "block":
             # Cost of turning a dense mask into the block layout (on the device), per update.
             record("capkit", "layout_update", lambda: BlockMask.from_dense(dense_mask, args.block_size), 0,
@@ -215,7 +234,32 @@ def dispatch_rules_from(result: Dict) -> List[Dict]:
                 if kind_name == "nm" or max_density >= pts[-1][0]:
                     rule.pop("max_density")  # wins everywhere it was measured
                 rules.append(rule)
+    # The CSR kernel for unstructured CPU inference: up to the highest density at which it beat the
+    # dense GEMM on every shape (inference only; see csr_rule_from for why training stays dense).
+    csr = csr_rule_from(result)
+    if csr is not None:
+        rules.append(csr)
     return rules
+
+
+def csr_rule_from(result: Dict):
+    groups: Dict[float, List] = {}
+    for r in result["rows"]:
+        if r["backend"] == "cpu-csr" and r["op"] == "forward":
+            groups.setdefault(r["sparsity"], []).append((r["density"], r.get("speedup_vs_dense") or 0.0))
+    if not groups:
+        return None
+    pts = sorted((max(d for d, _ in g), min(s for _, s in g)) for g in groups.values())
+    max_density = None
+    for density, speedup in pts:
+        if speedup < 1.0:
+            break
+        max_density = density
+    if max_density is None:
+        return None
+    return {"device": result["machine"]["device_type"], "dtype": result["dtype"], "mask_kind": "unstructured",
+            "mode": "inference", "backend": "cpu", "kernel": "csr", "max_density": round(max_density + 1e-3, 4),
+            "measured_speedups_vs_dense": {f"{d:.3f}": round(s, 2) for d, s in pts}}
 
 
 def update_dispatch_table(result: Dict, path: Path) -> None:
@@ -223,13 +267,23 @@ def update_dispatch_table(result: Dict, path: Path) -> None:
     rules = dispatch_rules_from(result)
     table = json.loads(TABLE_PATH.read_text()) if TABLE_PATH.exists() else {"rules": []}
     dev_type, dtype = result["machine"]["device_type"], result["dtype"]
-    kept = [r for r in table.get("rules", []) if not (r["device"] == dev_type and r["dtype"] == dtype)]
+    # Rules of mask kinds this result did not measure are kept (e.g. a run of --kinds unstructured
+    # leaves the block rules alone).
+    kinds = {"unstructured": "dense", "block": "block", "nm": "nm"}
+    measured = {kinds[r["kind"]] for r in result["rows"] if r["kind"] in kinds}
+    if any(r["backend"] == "cpu-csr" for r in result["rows"]):
+        measured.add("unstructured")
+    kept = [r for r in table.get("rules", []) if not (r["device"] == dev_type and r["dtype"] == dtype
+                                                      and r.get("mask_kind") in measured)]
+    source_key = f"{dev_type}/{dtype}"
+    if not {"dense", "block", "nm"} <= measured:  # a partial run: its own source entry
+        source_key += ":" + ",".join(sorted(measured))
     root = Path(__file__).resolve().parents[1]
     path = Path(path).resolve()
     table = {
         "about": "Rules for backend='auto', written by `python -m benchmarks.masked_linear "
                  "--update-dispatch-table` from measured results; first match wins, else the torch reference.",
-        "sources": {**table.get("sources", {}), f"{dev_type}/{dtype}": {
+        "sources": {**table.get("sources", {}), source_key: {
             "device": result["machine"]["device"], "commit": result["machine"].get("git_commit"),
             "date": result["machine"]["date"],
             "file": str(path.relative_to(root)) if path.is_relative_to(root) else str(path)}},

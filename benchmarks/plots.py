@@ -259,7 +259,8 @@ def inference_speedup(results: Dict[str, Dict], suffix: str):
                 key, x = (r["model"], r["batch"], r["seq"]), r["fraction"]
                 y = 1.0 if r.get("variant") == "dense" else r.get("speedup_vs_dense")
             else:
-                key, x, y = (r["kind"], r["batch"], r["seq"]), r["sparsity"], r.get("speedup")
+                label = f"{r['model']} {r['kind']}" if r.get("model") else r["kind"]
+                key, x, y = (label, r["batch"], r["seq"]), r["sparsity"], r.get("speedup")
             if y is not None:
                 groups.setdefault(key, []).append((100 * x, y))
         firsts = list(dict.fromkeys(k[0] for k in sorted(groups)))

@@ -1,14 +1,21 @@
-"""Inference latency of ``sparse`` exports against the dense model.
+"""Inference latency of ``sparse`` exports against the dense model, in PyTorch and in ONNX Runtime.
 
-A BERT-base-shaped classifier (random weights from ``BertConfig()``; latency does not depend on
-the values) is pruned by magnitude to 90% / 95% sparsity per encoder linear, unstructured, in
-32x32 blocks, and 2:4; each model is saved with ``capkit.export.save(..., format="sparse")``,
-loaded back with ``capkit.load`` (masked layers on capkit's ops, ``backend="auto"``), and timed
-against the dense model it came from. The file sizes of the exports are reported too.
+BERT-family classifiers of the MiniLM-L6-H384 and BERT-base shapes (random weights from their
+configs; latency does not depend on the values) are pruned by magnitude to 90% / 95% sparsity per
+encoder linear, unstructured, in 32x32 blocks, and 2:4; each model is saved with
+``capkit.export.save(..., format="sparse")``, loaded back with ``capkit.load`` (masked layers on
+capkit's ops, ``backend="auto"``), and timed against two baselines of the dense model it came
+from: torch dense (eager, ``inference_mode``) and ONNX Runtime dense (the model exported through
+``torch.onnx``, CPU execution provider, ``intra_op_num_threads`` = torch's threads, one inter-op
+thread, every graph optimisation). All three run on the same inputs in interleaved rounds, so
+they see the same machine. ONNX Runtime is optional (``pip install capkit[bench]``): without it
+the benchmark says so and reports the torch baseline alone. The file sizes of the exports are
+reported too.
 
 Usage:
-  python -m benchmarks.sparse_inference           # BERT-base, batch 1 and 32, seq 128
-  python -m benchmarks.sparse_inference --quick   # a small BERT, batch 1 and 4, seq 32
+  python -m benchmarks.sparse_inference                        # MiniLM and BERT-base, 1x128 and 32x128
+  python -m benchmarks.sparse_inference --models minilm        # one model
+  python -m benchmarks.sparse_inference --quick                # a small BERT, 1x32 and 4x32
 """
 from __future__ import annotations
 
@@ -20,21 +27,32 @@ from typing import Dict, List
 
 import torch
 
-from benchmarks.harness import machine_info, markdown_table, publish, time_fn
+from benchmarks.harness import machine_info, markdown_table, onnxruntime_info, ort_baseline_or_none, publish
+from benchmarks.structured_inference import time_interleaved
 
 KINDS = ("unstructured", "block32", "2:4")
+MODELS = ("minilm", "bert-base")
 
 
-def _model(quick: bool):
+def _config(name: str):
     import transformers
 
-    if quick:
-        cfg = transformers.BertConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                      intermediate_size=512, vocab_size=1000)
-    else:
-        cfg = transformers.BertConfig()
+    if name == "small":
+        return transformers.BertConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                       intermediate_size=512, vocab_size=1000)
+    if name == "minilm":  # all-MiniLM-L6-v2's shape
+        return transformers.BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                                       intermediate_size=1536)
+    if name == "bert-base":
+        return transformers.BertConfig()
+    raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
+
+
+def _model(name: str):
+    import transformers
+
     torch.manual_seed(0)
-    return transformers.BertForSequenceClassification(cfg).eval()
+    return transformers.BertForSequenceClassification(_config(name)).eval()
 
 
 def _prune(model, kind: str, sparsity: float):
@@ -55,6 +73,14 @@ def _prune(model, kind: str, sparsity: float):
     return model
 
 
+def _torch_call(model, inputs):
+    def run() -> None:
+        with torch.inference_mode():
+            model(**inputs)
+
+    return run
+
+
 def run(args) -> Dict:
     import capkit
     from capkit.export import save
@@ -62,57 +88,93 @@ def run(args) -> Dict:
     device = torch.device("cpu")
     rows: List[Dict] = []
     failures: List[Dict] = []
-    shapes = [(1, 32), (4, 32)] if args.quick else [(1, 128), (32, 128)]
+    shapes = [(1, 32), (4, 32)] if args.quick else args.shapes
+    models = ["small"] if args.quick else args.models
     plans = [(k, s) for k in KINDS for s in ((0.5,) if k == "2:4" else args.sparsities)]
-    dense = _model(args.quick)
-    vocab = dense.config.vocab_size
-    inputs = {shape: torch.randint(1, vocab, shape) for shape in shapes}
+    ort = onnxruntime_info()
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    bar = tqdm(total=len(models) * len(plans), desc="sparse_inference", unit="model") if tqdm else None
     with tempfile.TemporaryDirectory() as tmp:
-        dense_dir = Path(tmp) / "dense"
-        save(_model(args.quick), dense_dir, format="dense")
-        dense_bytes = sum(f.stat().st_size for f in dense_dir.glob("*.safetensors"))
-        try:
-            from tqdm import tqdm
-            plans_iter = tqdm(plans, desc="sparse_inference", unit="model")
-        except ImportError:  # pragma: no cover
-            plans_iter = plans
-        for kind, sparsity in plans_iter:
-            try:
-                model = _prune(_model(args.quick), kind, sparsity)
-                out = Path(tmp) / f"{kind.replace(':', '_')}_{sparsity}"
-                save(model, out, format="sparse")
-                size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-                loaded = capkit.load(out)
-                report = capkit.sparsity_report(loaded)
-                for shape, ids in inputs.items():
-                    with torch.inference_mode():
-                        # dense and sparse timed back to back, so both see the same machine state
-                        td = time_fn(lambda: dense(input_ids=ids), device, args.min_time)
-                        t = time_fn(lambda: loaded(input_ids=ids), device, args.min_time)
-                    rows.append({
-                        "kind": kind, "sparsity": round(report.sparsity, 4), "batch": shape[0], "seq": shape[1],
-                        "dense_ms": td["median_s"] * 1e3, "sparse_ms": t["median_s"] * 1e3,
-                        "speedup": td["median_s"] / t["median_s"],
-                        "iqr_ms": t["iqr_s"] * 1e3, "file_mb": size / 2**20, "dense_file_mb": dense_bytes / 2**20,
-                    })
-            except Exception as exc:  # a failing case is reported, not hidden
-                failures.append({"kind": kind, "sparsity": sparsity, "error": f"{type(exc).__name__}: {exc}"})
+        for name in models:
+            dense = _model(name)
+            vocab = dense.config.vocab_size
+            inputs = {}
+            for b, sq in shapes:
+                g = torch.Generator().manual_seed(b * 1000 + sq)
+                ids = torch.randint(1, vocab, (b, sq), generator=g)
+                inputs[(b, sq)] = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                                   "token_type_ids": torch.zeros_like(ids)}
+            dense_dir = Path(tmp) / name / "dense"
+            save(_model(name), dense_dir, format="dense")
+            dense_bytes = sum(f.stat().st_size for f in dense_dir.glob("*.safetensors"))
+            baseline = ort_baseline_or_none(dense, Path(tmp) / name / "onnx", failures, name=name)
+            for kind, sparsity in plans:
+                try:
+                    model = _prune(_model(name), kind, sparsity)
+                    out = Path(tmp) / name / f"{kind.replace(':', '_')}_{sparsity}"
+                    save(model, out, format="sparse")
+                    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+                    loaded = capkit.load(out)
+                    report = capkit.sparsity_report(loaded)
+                    for shape, inp in inputs.items():
+                        fns = [_torch_call(dense, inp), _torch_call(loaded, inp)]
+                        if baseline is not None:
+                            fns.append(baseline.call(inp))
+                        stats = time_interleaved(fns, device, args.min_time, args.repeats)
+                        td, t = stats[0], stats[1]
+                        row = {
+                            "model": name, "kind": kind, "sparsity": round(report.sparsity, 4),
+                            "batch": shape[0], "seq": shape[1], "dense_ms": td["median_s"] * 1e3,
+                            "sparse_ms": t["median_s"] * 1e3, "speedup": td["median_s"] / t["median_s"],
+                            "speedup_min": td["min_s"] / t["min_s"], "iqr_ms": t["iqr_s"] * 1e3, "n": t["n"],
+                            "file_mb": size / 2**20, "dense_file_mb": dense_bytes / 2**20,
+                        }
+                        if baseline is not None:
+                            to = stats[2]
+                            row.update(ort_ms=to["median_s"] * 1e3, speedup_vs_ort=to["median_s"] / t["median_s"],
+                                       speedup_vs_ort_min=to["min_s"] / t["min_s"])
+                        rows.append(row)
+                except Exception as exc:  # a failing case is reported, not hidden
+                    failures.append({"model": name, "kind": kind, "sparsity": sparsity,
+                                     "error": f"{type(exc).__name__}: {exc}"})
+                if bar is not None:
+                    bar.update(1)
+    if bar is not None:
+        bar.close()
+    info = machine_info(device)
+    info.update(ort)
     return {
-        "benchmark": "sparse_inference", "machine": machine_info(device), "quick": args.quick,
-        "model": "BertForSequenceClassification " + ("(small)" if args.quick else "(BERT-base shape, random)"),
+        "benchmark": "sparse_inference", "machine": info, "quick": args.quick,
+        "model": "BertForSequenceClassification, random weights of the "
+                 + ("small shape" if args.quick else " / ".join(f"{m} shape" for m in models)),
+        "baselines": {"torch": "dense model, eager, inference_mode",
+                      "onnxruntime": None if ort["onnxruntime"] is None else
+                      "dense model via torch.onnx.export (opset 17), CPUExecutionProvider, intra-op threads = "
+                      "torch threads, inter-op 1, ORT_ENABLE_ALL"},
+        "onnxruntime": ort["onnxruntime"], "onnxruntime_note": ort.get("onnxruntime_note"),
         "dtype": "float32", "threads": torch.get_num_threads(), "rows": rows, "failures": failures,
     }
 
 
 def summary_markdown(result: Dict) -> str:
     m = result["machine"]
-    lines = [f"# sparse exports: inference latency ({m.get('device_name', m.get('cpu', 'cpu'))}, "
+    ort = result.get("onnxruntime")
+    lines = [f"# sparse exports: inference latency ({m.get('device', 'cpu')}, "
              f"{result['dtype']}, {result['threads']} threads)", "",
-             f"{result['model']}; torch {m.get('torch')}, commit {m.get('git_commit')}.", "",
-             markdown_table(result["rows"], ["kind", "sparsity", "batch", "seq", "dense_ms", "sparse_ms",
-                                             "speedup", "file_mb", "dense_file_mb"])]
+             f"{result['model']}; torch {m.get('torch')}, onnxruntime {ort or 'not installed'}, "
+             f"commit {m.get('git_commit')}, {m.get('date')}. `speedup`: torch dense / sparse export; "
+             f"`speedup_vs_ort`: ONNX Runtime dense / sparse export (medians of interleaved rounds; "
+             f"`_min`: from the fastest calls).", ""]
+    if result.get("onnxruntime_note"):
+        lines += [f"Note: {result['onnxruntime_note']}", ""]
+    cols = ["model", "kind", "sparsity", "batch", "seq", "dense_ms", "ort_ms", "sparse_ms", "speedup",
+            "speedup_vs_ort", "speedup_min", "speedup_vs_ort_min", "n", "file_mb", "dense_file_mb"]
+    lines.append(markdown_table(result["rows"], cols))
     for f in result["failures"]:
-        lines.append(f"- FAILED {f['kind']} {f['sparsity']}: {f['error']}")
+        lines.append(f"- FAILED {f.get('model')} {f.get('kind', '')} {f.get('sparsity', '')}: {f['error']}")
     return "\n".join(lines) + "\n"
 
 
@@ -120,11 +182,17 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a small BERT and short sequences")
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.9, 0.95])
-    p.add_argument("--min-time", type=float, default=1.0)
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    p.add_argument("--shapes", nargs="+", default=["1x128", "32x128"], help="BATCHxSEQ (default 1x128 32x128)")
+    p.add_argument("--min-time", type=float, default=1.0, help="seconds of measurement per variant and shape")
+    p.add_argument("--repeats", type=int, default=3, help="at least this many timed calls per variant and shape")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if not all(0.0 <= s < 1.0 for s in args.sparsities):
         p.error(f"--sparsities must lie in [0, 1), got {args.sparsities}")
+    from benchmarks.structured_inference import _shape
+
+    args.shapes = [_shape(t) if isinstance(t, str) else t for t in args.shapes]
     result = run(args)
     publish("sparse_inference", torch.device("cpu"), result, summary_markdown(result), args.quick, args.out)
     return 1 if result["failures"] else 0

@@ -3,7 +3,10 @@
 For each model, heads and FFN neurons are removed at the same fraction (50/70/90% by default)
 with :func:`capkit.pruning.prune_step` and physically removed with
 :func:`capkit.pruning.compact_model`; the dense model it came from is the baseline, timed in the
-same process on the same inputs, in interleaved rounds. Importance is random (seeded, one score per unit): the latency
+same process on the same inputs, in interleaved rounds, and beside it ONNX Runtime running the dense
+model (exported through ``torch.onnx``; CPU execution provider, intra-op threads = torch's, one
+inter-op thread, every graph optimisation), the runtime a user would otherwise deploy with
+(optional: ``pip install capkit[bench]``; without it the benchmark says so and leaves it out). Importance is random (seeded, one score per unit): the latency
 of a compacted model depends only on how many heads and neurons each layer keeps, and random
 scores spread them over the layers the way a global ranking of similar scores does.
 
@@ -21,16 +24,18 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import tempfile
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from benchmarks.harness import machine_info, markdown_table, measure_peaks, publish, roofline_fraction
+from benchmarks.harness import (machine_info, markdown_table, measure_peaks, onnxruntime_info,
+                                ort_baseline_or_none, publish, roofline_fraction)
 from capkit.nn import encoder_layers
 from capkit.pruning.compact import compact_model, structure_of
 from capkit.pruning.structured import StructuredMasks, prune_step
@@ -144,7 +149,7 @@ def gated_difference(dense: nn.Module, compact: nn.Module, masks: StructuredMask
 
 def benchmark_model(name: str, dense: nn.Module, shapes: Sequence[Tuple[int, int]], fractions: Sequence[float],
                     device: torch.device, peaks: Dict[str, float], min_time: float, repeats: int,
-                    progress=None) -> Tuple[List[Dict], Dict]:
+                    progress=None, failures: Optional[List[Dict]] = None) -> Tuple[List[Dict], Dict]:
     """Rows for the dense model and each fraction at each (batch, seq), and the per-layer
     structure of every compacted model."""
     dense_params = sum(p.numel() for p in dense.parameters())
@@ -160,10 +165,18 @@ def benchmark_model(name: str, dense: nn.Module, shapes: Sequence[Tuple[int, int
                                            neuron_sparsity=sparsity["neurons"])
         variants.append((fraction, compact, diff))
     rows = []
+    tmp = tempfile.TemporaryDirectory()
+    ort = ort_baseline_or_none(dense, Path(tmp.name), failures, model=name) if device.type == "cpu" else None
     for batch, seq in shapes:
         inputs = make_inputs(dense, batch, seq, device)
-        stats = time_interleaved([inference_call(model, inputs) for _, model, _ in variants], device, min_time,
-                                 repeats)
+        fns = [inference_call(model, inputs) for _, model, _ in variants]
+        if ort is not None:
+            fns.append(ort.call(inputs))
+        stats = time_interleaved(fns, device, min_time, repeats)
+        if ort is not None:
+            t_ort = stats.pop()
+            rows.append({"model": name, "batch": batch, "seq": seq, "fraction": 0.0, "variant": "onnxruntime dense",
+                         **t_ort, "ms": t_ort["median_s"] * 1e3})
         for (fraction, model, diff), t in zip(variants, stats):
             params = sum(p.numel() for p in model.parameters())
             row = {"model": name, "batch": batch, "seq": seq, "fraction": fraction,
@@ -177,9 +190,13 @@ def benchmark_model(name: str, dense: nn.Module, shapes: Sequence[Tuple[int, int
                 # Fastest calls: less sensitive to other processes on a shared machine.
                 row["speedup_vs_dense_min"] = stats[0]["min_s"] / t["min_s"]
                 row["max_abs_diff_vs_gated"] = diff
+                if ort is not None:
+                    row["speedup_vs_ort"] = t_ort["median_s"] / t["median_s"]
+                    row["speedup_vs_ort_min"] = t_ort["min_s"] / t["min_s"]
             rows.append(row)
         if progress is not None:
             progress.update(1)
+    tmp.cleanup()
     return rows, structures
 
 
@@ -201,7 +218,7 @@ def run(args) -> Dict:
         try:
             dense = load_model(name, device)
             model_rows, model_structures = benchmark_model(name, dense, args.shapes, args.fractions, device, peaks,
-                                                           args.min_time, args.repeats, bar)
+                                                           args.min_time, args.repeats, bar, failures)
         except Exception as exc:  # a failing model reports the failure, not a number
             failures.append({"model": name, "error": repr(exc)[:300]})
             continue
@@ -210,7 +227,10 @@ def run(args) -> Dict:
     if bar is not None:
         bar.close()
     info["load_average_after"] = os.getloadavg()
-    return {"benchmark": "structured_inference", "machine": info, "peaks": peaks, "dtype": "float32",
+    ort = onnxruntime_info()
+    info.update(ort)
+    return {"benchmark": "structured_inference", "machine": info, "onnxruntime": ort["onnxruntime"],
+            "onnxruntime_note": ort.get("onnxruntime_note"), "peaks": peaks, "dtype": "float32",
             "importance": "random (seeded), per-unit uniform scores ranked globally by prune_step",
             "shapes": [list(s) for s in args.shapes], "fractions": args.fractions, "rows": rows,
             "structures": structures, "failures": failures}
@@ -230,7 +250,12 @@ def summary_markdown(result: Dict) -> str:
             f"calls. Peaks measured here: matmul {result['peaks']['matmul_flops'] / 1e9:.0f} GFLOP/s, "
             f"copy {result['peaks']['copy_bytes_per_s'] / 1e9:.1f} GB/s. Load average (1/5/15 min) before "
             f"{_loads(mi.get('load_average_before'))}, after {_loads(mi.get('load_average_after'))}.\n\n")
-    cols = ["model", "batch", "seq", "fraction", "ms", "speedup_vs_dense", "speedup_vs_dense_min", "params",
+    text += (f"ONNX Runtime {result.get('onnxruntime') or 'not installed'} runs the dense model beside torch "
+             f"(`speedup_vs_ort`: ONNX Runtime dense / compacted in torch).\n\n")
+    if result.get("onnxruntime_note"):
+        text += f"Note: {result['onnxruntime_note']}\n\n"
+    cols = ["model", "batch", "seq", "fraction", "variant", "ms", "speedup_vs_dense", "speedup_vs_dense_min",
+            "speedup_vs_ort", "speedup_vs_ort_min", "params",
             "params_fraction", "encoder_linear_params", "roofline_fraction", "n", "max_abs_diff_vs_gated"]
     text += markdown_table(result["rows"], cols)
     structure_rows = [{"model": m, "fraction": f, "heads": s["heads"], "intermediate_sizes": s["intermediate_sizes"]}

@@ -9,6 +9,9 @@ Formats (``capkit.export.save(model, path, format=...)``):
 - ``sparse``: every masked encoder linear stored by its layout: unstructured masks as a bitmap plus
   the kept values, block masks as the block CSR that capkit's kernels read (row pointers, column
   indices, the live blocks), N:M masks as the kept values plus their positions in each group.
+- ``onnx``: ``model.onnx``, the equivalent plain model (masks folded, compacted layers at their
+  sizes) for ONNX Runtime and other ONNX runtimes, checked against the PyTorch model on save
+  (see :mod:`capkit.onnx_export`; needs ``capkit[onnx]``). :func:`load` does not read it back.
 
 Every format writes ``capkit.json`` (format, model class, layer layouts, a SHA-256 of every file),
 so :func:`load` restores the model with its masks and checks the files are intact. A save goes to
@@ -36,7 +39,7 @@ from capkit.ops import BlockMask, NMMask, block_grid_to_layout
 
 __all__ = ["FORMATS", "CheckpointError", "load", "save"]
 
-FORMATS = ("dense", "compact", "sparse")
+FORMATS = ("dense", "compact", "sparse", "onnx")
 MANIFEST = "capkit.json"
 WEIGHTS = "model.safetensors"
 SPARSE_WEIGHTS = "sparse.safetensors"
@@ -225,7 +228,7 @@ def _check_model(model) -> None:
 
 def save(model: nn.Module, path: Union[str, os.PathLike], format: str = "dense", *,
          tokenizer=None, overwrite: bool = False, extra: Optional[dict] = None) -> Path:
-    """Write ``model`` to the folder ``path`` in ``format`` (``dense``, ``compact`` or ``sparse``),
+    """Write ``model`` to the folder ``path`` in ``format`` (``dense``, ``compact``, ``sparse`` or ``onnx``),
     atomically. ``tokenizer`` is saved alongside when given; ``extra`` (JSON-serialisable) is
     recorded in the manifest. Returns the folder."""
     if format not in FORMATS:
@@ -255,7 +258,12 @@ def save(model: nn.Module, path: Union[str, os.PathLike], format: str = "dense",
         previous = getattr(config, "capkit_structure", None)
         config.capkit_structure = structure
         try:
-            if format == "sparse":
+            if format == "onnx":
+                from capkit.onnx_export import export_onnx
+
+                manifest["layers"] = {}  # folded into the graph's weights
+                manifest.update(export_onnx(model, tmp))
+            elif format == "sparse":
                 sparse: Dict[str, torch.Tensor] = {}
                 for name, module in modules.items():
                     sparse.update(_encode(name, module, fixed[name], layers[name]))
@@ -330,6 +338,9 @@ def load(path: Union[str, os.PathLike], *, device: Union[str, torch.device] = "c
         config = transformers.AutoConfig.from_pretrained(path)
     except Exception as exc:  # transformers raises many kinds for a bad config
         raise CheckpointError(f"cannot read the config of {str(path)!r}: {exc}") from exc
+    if manifest is not None and manifest["format"] == "onnx":
+        raise CheckpointError(f"{str(path)!r} is an ONNX export: run it with ONNX Runtime "
+                              "(capkit.onnx_export.ort_session), or load a dense/compact/sparse export")
     cls = _model_class(config, manifest)
     if manifest is None:
         with quiet_transformers():
@@ -386,7 +397,24 @@ def load(path: Union[str, os.PathLike], *, device: Union[str, torch.device] = "c
             target.copy_(value)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    _prepack_unstructured(model)
+    return model
+
+
+def _prepack_unstructured(model: nn.Module) -> None:
+    """Build the CSR of every unstructured layer that CPU inference will run on the sparse kernel,
+    once, at load (not at the first forward)."""
+    from capkit.ops.sparse_format import csr_applies
+
+    for module in masked_modules(model).values():
+        mask = module.current_mask()
+        if not isinstance(mask, torch.Tensor):
+            continue
+        probe = torch.empty(0, module.in_features, dtype=module.weight.dtype, device=module.weight.device)
+        with torch.no_grad():
+            if csr_applies(probe, module.weight, mask, module.bias, module.backend):
+                module.packed_weight(mask)
 
 
 def _mask_from_zeros(weight: torch.Tensor, info: dict):
@@ -399,3 +427,63 @@ def _mask_from_zeros(weight: torch.Tensor, info: dict):
     if kind == "nm":
         return NMMask(keep, int(info["n"]), int(info["m"]))
     return keep
+
+
+# ---------------------------------------------------------------------------------------------
+# command line: capkit-export RUN_DIR --format onnx
+# ---------------------------------------------------------------------------------------------
+RUN_EXPORTS = ("model-compact", "model-dense", "model-sparse")
+
+
+def export_sources(folder: Path):
+    """The model folders to convert: a capkit-prune output folder's exports, or the folder itself."""
+    folder = Path(folder)
+    found = [folder / n for n in RUN_EXPORTS if (folder / n / "config.json").exists()]
+    if found:
+        return found
+    if (folder / "config.json").exists():
+        return [folder]
+    raise FileNotFoundError(f"{str(folder)!r} holds neither a model (config.json) nor the exports of a "
+                            f"capkit-prune run ({', '.join(RUN_EXPORTS)})")
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="capkit-export",
+        description="Convert saved capkit models to another format, e.g. ONNX for ONNX Runtime. RUN_DIR is a "
+                    "capkit-prune output folder (its model-compact/, model-dense/ and model-sparse/ are "
+                    "converted, each to <name>-<format>/ beside it) or one saved model folder (written to "
+                    "<folder>-<format>/, or --out).")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument("--format", default="onnx", choices=FORMATS)
+    p.add_argument("--out", type=Path, default=None, help="output folder (only when RUN_DIR is one model)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output folders")
+    args = p.parse_args(argv)
+    try:
+        sources = export_sources(args.run_dir)
+    except FileNotFoundError as exc:
+        p.error(str(exc))
+    if args.out is not None and len(sources) > 1:
+        p.error("--out needs RUN_DIR to be a single model folder")
+    for src in sources:
+        dst = args.out or src.with_name(f"{src.name}-{args.format}")
+        model = load(src)
+        tokenizer = None
+        if (src / "tokenizer_config.json").exists():
+            import transformers
+
+            tokenizer = transformers.AutoTokenizer.from_pretrained(src)
+        save(model, dst, format=args.format, tokenizer=tokenizer, overwrite=args.overwrite,
+             extra={"source": str(src)})
+        line = f"{src} -> {dst}"
+        if args.format == "onnx":
+            check = json.loads((dst / MANIFEST).read_text())["onnx"]["check"]
+            line += f" (ONNX Runtime vs PyTorch: max abs diff {check['max_abs_diff']:.2e})"
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

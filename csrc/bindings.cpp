@@ -15,6 +15,7 @@
 
 #include "cpu/info_nce_cpu.h"
 #include "cpu/masked_linear_cpu.h"
+#include "cpu/sparse_linear_cpu.h"
 
 namespace capkit {
 namespace {
@@ -153,6 +154,39 @@ std::tuple<Tensor, Tensor> grad_weight_cpu(const Tensor& grad_out, const Tensor&
   return {dw, dm};
 }
 
+
+// Unstructured-sparse weight in panelled CSR by output row (capkit/ops/sparse_format.py builds it).
+Tensor csr_linear_forward_cpu(const Tensor& x, const Tensor& ptr, const Tensor& col_idx, const Tensor& values,
+                              const OptTensor& bias, int64_t out_features, int64_t panel) {
+  check_matrix(x, "x");
+  check_f32_cpu(x, "x");
+  check_f32_cpu(values, "values");
+  for (const auto* t : {&ptr, &col_idx}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kInt && t->dim() == 1 && t->is_contiguous(),
+                "capkit: ", t == &ptr ? "ptr" : "col_idx", " must be a contiguous 1-D int32 CPU tensor");
+  }
+  TORCH_CHECK(values.dim() == 1 && values.is_contiguous(), "capkit: values must be a contiguous vector");
+  const int64_t M = x.size(0), N = out_features, K = x.size(1), nnz = col_idx.numel();
+  TORCH_CHECK(N >= 0, "capkit: out_features must be >= 0");
+  const int64_t n_panels = panel > 0 && K > 0 ? cdiv(K, panel) : 1;
+  TORCH_CHECK(ptr.numel() == n_panels * N + 1, "capkit: ptr must have ", n_panels * N + 1, " entries (",
+              n_panels, " panel(s) of ", N, " rows, + 1) for x with ", K, " columns, got ", ptr.numel());
+  TORCH_CHECK(values.numel() == nnz, "capkit: values (", values.numel(), ") and col_idx (", nnz,
+              ") must have the same length");
+  const int32_t* rp = ptr.data_ptr<int32_t>();
+  TORCH_CHECK(rp[0] == 0 && rp[n_panels * N] == nnz, "capkit: ptr must start at 0 and end at nnz (", nnz, ")");
+  if (bias.has_value()) {
+    check_f32_cpu(*bias, "bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous(),
+                "capkit: bias must be a contiguous vector of length ", N);
+  }
+  Tensor y = new_output({M, N}, x.options());
+  cpu::csr_linear_forward_f32(x.data_ptr<float>(), rp, col_idx.data_ptr<int32_t>(), values.data_ptr<float>(),
+                              bias.has_value() ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K,
+                              panel);
+  return y;
+}
+
 // ---------------------------------------------------------------------------------------------
 // info_nce: the checks and views shared by the forward and backward.
 void check_cpu(const Tensor& t, const char* name) {
@@ -254,6 +288,9 @@ TORCH_LIBRARY(capkit, m) {
       "masked_linear_grad_weight(Tensor grad_out, Tensor x, Tensor weight, Tensor? mask, Tensor? row_ptr, "
       "Tensor? col_idx, int block_size, bool need_weight_grad, bool need_mask_grad) -> (Tensor, Tensor)");
   m.def(
+      "csr_linear_forward(Tensor x, Tensor ptr, Tensor col_idx, Tensor values, Tensor? bias, "
+      "int out_features, int panel) -> Tensor");
+  m.def(
       "info_nce_forward(Tensor qs, Tensor keys, Tensor? key_scale, Tensor qid, Tensor kid, Tensor? qlab, "
       "Tensor? klab, Tensor? self_index) -> Tensor");
   m.def(
@@ -265,6 +302,7 @@ TORCH_LIBRARY_IMPL(capkit, CPU, m) {
   m.impl("masked_linear_forward", &capkit::forward_cpu);
   m.impl("masked_linear_grad_input", &capkit::grad_input_cpu);
   m.impl("masked_linear_grad_weight", &capkit::grad_weight_cpu);
+  m.impl("csr_linear_forward", &capkit::csr_linear_forward_cpu);
   m.impl("info_nce_forward", &capkit::info_nce_forward_cpu);
   m.impl("info_nce_backward", &capkit::info_nce_backward_cpu);
 }

@@ -78,6 +78,12 @@ def test_sparse_inference_benchmark_runs(tmp_path):
     for r in result["rows"]:
         assert r["sparse_ms"] > 0 and r["dense_ms"] > 0 and r["file_mb"] < r["dense_file_mb"]
     assert result["machine"]["torch"]
+    from capkit.onnx_export import onnx_missing_reason
+
+    if onnx_missing_reason() is None:  # ONNX Runtime baseline beside torch dense, version recorded
+        assert result["onnxruntime"] and all(r["ort_ms"] > 0 and r["speedup_vs_ort"] > 0 for r in result["rows"])
+    else:
+        assert result["onnxruntime"] is None and "capkit[bench]" in result["onnxruntime_note"]
     assert (tmp_path / "sparse_inference_quick.md").read_text().startswith("# sparse exports")
     with pytest.raises(SystemExit):
         bench_si.main(["--sparsities", "1.0"])

@@ -150,7 +150,7 @@ def test_bad_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match="not valid JSON"):
         load(tmp_path / "m")
     with pytest.raises(ValueError, match="format must be one of"):
-        save(model, tmp_path / "x", format="onnx")
+        save(model, tmp_path / "x", format="bogus")
     with pytest.raises(TypeError, match="PreTrainedModel"):
         save(torch.nn.Linear(2, 2), tmp_path / "y")
 
@@ -161,3 +161,66 @@ def test_plain_transformers_folder_loads(tmp_path):
     loaded = load(tmp_path / "hf")
     batch = token_batch(model.config)
     torch.testing.assert_close(_out(loaded, batch), _out(model, batch))
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX: the file loads in ONNX Runtime and gives the PyTorch model's logits
+# ---------------------------------------------------------------------------------------------
+def _onnx_or_skip():
+    from capkit.onnx_export import onnx_missing_reason
+
+    reason = onnx_missing_reason()
+    if reason is not None:
+        pytest.skip(f"ONNX export tests need onnx and onnxruntime: {reason}")
+
+
+def _onnx_logits(folder, batch):
+    from capkit.onnx_export import ort_session, run_onnx
+
+    return run_onnx(ort_session(folder / "model.onnx", threads=1), batch)
+
+
+def _compact_model():
+    from capkit.pruning import StructuredMasks, compact_model
+
+    model = tiny_bert()
+    masks = StructuredMasks.ones(model)
+    masks.head_masks[0][1] = 0.0
+    masks.neuron_masks[2][:10] = 0.0
+    compact_model(model, masks)
+    return model
+
+
+@pytest.mark.parametrize("source", ["dense-unstructured", "dense-block", "compact"])
+def test_onnx_export_matches_pytorch_in_onnxruntime(tmp_path, source):
+    _onnx_or_skip()
+    model = _compact_model() if source == "compact" else _masked(source.split("-")[1])
+    path = save(model, tmp_path / "o", format="onnx")
+    manifest = json.loads((path / "capkit.json").read_text())
+    assert manifest["format"] == "onnx" and set(manifest["files"]) >= {"model.onnx", "config.json"}
+    assert manifest["onnx"]["check"]["max_abs_diff"] < 1e-4
+    for b, s in ((1, 5), (4, 13)):  # dynamic batch and sequence axes, padding included
+        batch = token_batch(model.config, batch=b, seq=s, seed=b)
+        batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
+        diff = (_onnx_logits(path, batch) - _out(model, batch)).abs().max().item()
+        assert diff < 1e-4, f"max abs diff {diff:.2e} between ONNX Runtime and PyTorch"
+    with pytest.raises(CheckpointError, match="ONNX export"):
+        load(path)
+
+
+def test_capkit_export_command_converts_a_run_folder(tmp_path, capsys):
+    _onnx_or_skip()
+    from capkit.export import main
+
+    model = _masked("unstructured")
+    save(model, tmp_path / "run" / "model-dense", format="dense")
+    save(model, tmp_path / "run" / "model-sparse", format="sparse")
+    assert main([str(tmp_path / "run"), "--format", "onnx"]) == 0
+    batch = token_batch(model.config)
+    batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
+    for name in ("model-dense-onnx", "model-sparse-onnx"):
+        diff = (_onnx_logits(tmp_path / "run" / name, batch) - _out(model, batch)).abs().max().item()
+        assert diff < 1e-4
+    assert "max abs diff" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "nothing-here")])

@@ -10,6 +10,7 @@ from torch import nn
 from capkit.nn._watch import ChangeWatch
 from capkit.ops import BlockMask, NMMask, masked_linear
 from capkit.ops._backends import apply_mask, effective_mask
+from capkit.ops.sparse_format import CSRWeight, csr_applies, csr_linear, pack_csr
 
 __all__ = ["MaskedLinear", "TopKStraightThrough"]
 
@@ -74,6 +75,8 @@ class MaskedLinear(nn.Module):
         self.criterion = None
         self._prefolded_watch = ChangeWatch()
         self._prefolded = False
+        self._csr_watch = ChangeWatch()
+        self._csr: Optional[CSRWeight] = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> "MaskedLinear":
@@ -157,8 +160,20 @@ class MaskedLinear(nn.Module):
             self._prefolded_watch.seen(self.weight, mask_state)
         return self._prefolded
 
+    def packed_weight(self, mask: Optional[torch.Tensor] = None) -> CSRWeight:
+        """The CSR of ``weight * mask`` for the unstructured CPU inference kernel, built once and
+        rebuilt only after the weight or the mask changed."""
+        mask = self.mask if mask is None else mask
+        state = (mask.data_ptr(), mask._version)
+        if self._csr is None or self._csr_watch.changed(self.weight, state):
+            self._csr = pack_csr(self.weight, mask)
+            self._csr_watch.seen(self.weight, state)
+        return self._csr
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mask = self.current_mask()
+        if isinstance(mask, torch.Tensor) and csr_applies(x, self.weight, mask, self.bias, self.backend):
+            return csr_linear(x, self.packed_weight(mask), self.bias)
         # Inference with an unstructured or N:M mask already folded into the weight: there is no
         # sparse kernel that beats the dense GEMM for these on this path, so run the dense one
         # instead of re-applying the mask (block masks go to the block-sparse kernels).

@@ -13,6 +13,7 @@ import torch
 
 from capkit.ops._backends import BACKENDS, apply_mask, choose_backend, effective_mask, get_backend
 from capkit.ops.masks import BlockMask, NMMask, check_dense_mask
+from capkit.ops.sparse_format import csr_applies, csr_linear, packed_for_mask
 
 MaskLike = Union[torch.Tensor, BlockMask, NMMask, None]
 
@@ -140,6 +141,10 @@ def masked_linear(
         # Empty problems: shape-correct results that stay in the autograd graph.
         w = apply_mask(weight, effective_mask(weight, dense_mask, layout))
         return torch.nn.functional.linear(x, w, bias)
+
+    if kind == "dense" and csr_applies(x, weight, dense_mask, bias, backend):
+        # Inference with a fixed 0/1 mask sparse enough for the CSR kernel (measured threshold).
+        return csr_linear(x, packed_for_mask(weight, dense_mask), bias)
 
     training = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, dense_mask, bias)

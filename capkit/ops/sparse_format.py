@@ -1,0 +1,157 @@
+"""Unstructured-sparse weights in a compressed format for the CPU inference kernel.
+
+A weight ``W [out, in]`` with a fixed 0/1 mask is stored once as CSR by output row within panels
+of ``PANEL`` input features (:class:`CSRWeight`: int32 pointers and column indices, the kept
+values; for wide inputs, so that a panel of the transposed input stays cached while every row reads it); the C++ kernel
+``capkit._C`` ``csr_linear_forward`` then computes ``x @ (W * M)^T + bias`` reading only the kept
+weights, so a pruned entry (NaN included) is never read. The format is built once per weight and
+mask (at load, or at the first call after either changed) and cached, never per call.
+
+Which densities go to this kernel is measured, not guessed: ``dispatch_table.json`` holds a rule
+``{"mask_kind": "unstructured", "mode": "inference", "backend": "cpu", "max_density": ...}``
+written by ``python -m benchmarks.masked_linear --update-dispatch-table``. Training keeps the
+dense kernels (the measurements are in the benchmark's results).
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from capkit.ops._backends import dispatch_rules, get_backend
+
+__all__ = ["PANEL", "CSRWeight", "csr_linear", "csr_max_density", "csr_applies", "packed_for_mask", "pack_csr"]
+
+
+# Input features per panel. Measured on a 2-core Xeon (AVX-512), 10% density, 1 thread: panels
+# of 256 beat plain CSR by 5-25% at K = 768 and 3072 and lost at K = 384, where plain CSR is
+# used (smaller panels, 64 or 128, lost everywhere: the partial sums go to memory too often).
+PANEL = 256
+MIN_PANELLED_K = 3 * PANEL
+
+
+def default_panel(in_features: int) -> int:
+    return PANEL if in_features >= MIN_PANELLED_K else in_features
+
+
+@dataclass
+class CSRWeight:
+    """``W * M`` of a ``[out_features, in_features]`` weight as CSR by output row within panels of
+    ``panel`` input features (CPU, fp32): the kept weights of row ``n`` in panel ``p`` are
+    ``ptr[p * out + n] : ptr[p * out + n + 1]``."""
+
+    ptr: torch.Tensor  # int32 [n_panels * out + 1]
+    col_idx: torch.Tensor  # int32 [nnz], increasing within a row and panel
+    values: torch.Tensor  # float32 [nnz]
+    shape: tuple
+    panel: int
+
+    @property
+    def nnz(self) -> int:
+        return int(self.col_idx.numel())
+
+    @property
+    def density(self) -> float:
+        n = self.shape[0] * self.shape[1]
+        return self.nnz / n if n else 1.0
+
+    def to_dense(self) -> torch.Tensor:
+        out_f = self.shape[0]
+        segments = torch.arange(self.ptr.numel() - 1) % max(out_f, 1)
+        rows = torch.repeat_interleave(segments, (self.ptr[1:] - self.ptr[:-1]).long())
+        w = torch.zeros(self.shape, dtype=self.values.dtype)
+        w[rows, self.col_idx.long()] = self.values
+        return w
+
+
+def pack_csr(weight: torch.Tensor, mask: torch.Tensor, panel: Optional[int] = None) -> CSRWeight:
+    """Panelled CSR of ``weight`` where ``mask`` is nonzero (the mask's zeros are not stored);
+    ``panel`` input features per panel (default :func:`default_panel`; 0: plain CSR)."""
+    if weight.dim() != 2 or tuple(mask.shape) != tuple(weight.shape):
+        raise ValueError(f"weight and mask must be 2-D of one shape, got {tuple(weight.shape)} and {tuple(mask.shape)}")
+    out_f, in_f = weight.shape
+    if out_f * in_f >= 2**31:
+        raise ValueError("pack_csr: the weight has too many elements for int32 indices")
+    panel = default_panel(in_f) if panel is None else int(panel)
+    panel = panel if 0 < panel < in_f else max(in_f, 1)
+    n_panels = -(-in_f // panel) if in_f else 1
+    with torch.no_grad():
+        keep = (mask != 0).cpu()
+        w = weight.detach().cpu().to(torch.float32)
+        idx = keep.nonzero()  # row-major: rows ascending, columns ascending within a row
+        values = w[keep]
+        rows, cols = idx[:, 0], idx[:, 1]
+        segment = (cols // panel) * out_f + rows  # (panel, row) of each kept weight
+        if n_panels > 1:
+            segment, order = torch.sort(segment, stable=True)
+            cols, values = cols[order], values[order]
+        counts = torch.bincount(segment, minlength=n_panels * out_f) if idx.numel() else \
+            torch.zeros(n_panels * out_f, dtype=torch.long)
+        ptr = torch.zeros(n_panels * out_f + 1, dtype=torch.int32)
+        ptr[1:] = counts.cumsum(0)
+        return CSRWeight(ptr, cols.to(torch.int32).contiguous(), values.contiguous(), (out_f, in_f), panel)
+
+
+def csr_linear(x: torch.Tensor, packed: CSRWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ (W * M)^T + bias`` with the C++ kernel; ``x [..., in]`` fp32 on the CPU, no autograd."""
+    out_f, in_f = packed.shape
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, in_f).contiguous()
+    y = torch.ops.capkit.csr_linear_forward(
+        x2d, packed.ptr, packed.col_idx, packed.values, None if bias is None else bias.contiguous(), out_f,
+        packed.panel)
+    return y.view(*lead, out_f)
+
+
+def csr_max_density(dtype: torch.dtype = torch.float32) -> float:
+    """Highest mask density at which the measured table sends CPU inference to the CSR kernel
+    (0 without such a rule: the dense kernels then run)."""
+    name = str(dtype).replace("torch.", "")
+    for rule in dispatch_rules():
+        if (rule.get("device") == "cpu" and rule.get("dtype") == name and rule.get("mask_kind") == "unstructured"
+                and rule.get("mode", "inference") == "inference" and rule.get("backend") == "cpu"):
+            return float(rule.get("max_density") or 0.0)
+    return 0.0
+
+
+def _eligible(x: torch.Tensor, weight: torch.Tensor, mask, bias, backend: str) -> bool:
+    """Inference (no autograd) on CPU fp32 with a fixed 0/1 mask, on a backend that may use C++."""
+    if backend not in ("auto", "cpu") or not isinstance(mask, torch.Tensor):
+        return False
+    if mask.dtype not in (torch.bool, torch.uint8) or mask.requires_grad:
+        return False
+    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return False
+    if torch.is_autocast_enabled("cpu"):
+        return False
+    return get_backend("cpu").unavailable_reason(x.device) is None
+
+
+def _density(mask: torch.Tensor) -> float:
+    state = (mask.data_ptr(), mask._version)
+    cached = getattr(mask, "_capkit_density", None)
+    if cached is None or cached[0] != state:
+        cached = (state, float(torch.count_nonzero(mask)) / max(1, mask.numel()))
+        mask._capkit_density = cached
+    return cached[1]
+
+
+def csr_applies(x: torch.Tensor, weight: torch.Tensor, mask, bias=None, backend: str = "auto") -> bool:
+    """Whether ``masked_linear(x, weight, mask, bias, backend=backend)`` runs the CSR kernel."""
+    return _eligible(x, weight, mask, bias, backend) and _density(mask) <= csr_max_density(x.dtype)
+
+
+def packed_for_mask(weight: torch.Tensor, mask: torch.Tensor) -> CSRWeight:
+    """The CSR of ``weight * mask``, cached on the mask tensor and rebuilt only when the weight
+    (another tensor, or written in place) or the mask changed."""
+    state = (weight.data_ptr(), weight._version, mask.data_ptr(), mask._version)
+    cached = getattr(mask, "_capkit_csr", None)
+    if cached is not None and cached[0]() is weight and cached[1] == state:
+        return cached[2]
+    packed = pack_csr(weight, mask)
+    mask._capkit_csr = (weakref.ref(weight), state, packed)
+    return packed

@@ -1,0 +1,300 @@
+// Unstructured-sparse linear on the CPU (contract in sparse_linear_cpu.h).
+//
+// x is transposed once into token tiles xT [K][kTok] (kTok = 64 tokens, zero-padded), so that
+// every stored weight (k, w) of an output row does acc[0:64] += w * xT[k][0:64]: one broadcast
+// and up to 8 fused multiply-adds on 8-float vectors, the 64 accumulators in registers. A tile
+// of K x 64 floats (192 KiB at K = 768, 768 KiB at K = 3072) stays in L2 while a task walks its
+// rows. Tasks are (token tile, chunk of output rows), scheduled dynamically, so a single
+// 128-token sequence still splits over the cores by output rows. Each task's results go to a
+// small [rows][tokens] buffer and are transposed into y in 8 x 8 blocks.
+#include "cpu/sparse_linear_cpu.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define CAPKIT_X86 1
+#endif
+
+#include "cpu/masked_linear_cpu.h"
+
+namespace capkit {
+namespace cpu {
+namespace {
+
+constexpr int kTok = 64;       // tokens per tile (8 AVX2 vectors of accumulators)
+constexpr int kRowChunk = 64;  // output rows per task (few-token schedule)
+
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+bool detect_avx2_fma() {
+#ifdef CAPKIT_X86
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+const bool kAvx2 = detect_avx2_fma();
+
+bool detect_avx512() {
+#ifdef CAPKIT_X86
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f");
+#else
+  return false;
+#endif
+}
+const bool kAvx512 = detect_avx512();
+
+struct FreeDeleter {
+  void operator()(float* p) const { std::free(p); }
+};
+using Buffer = std::unique_ptr<float, FreeDeleter>;
+
+Buffer alloc_floats(size_t n) {
+  const size_t bytes = ((n * sizeof(float)) + 63) & ~size_t(63);
+  float* p = static_cast<float*>(std::aligned_alloc(64, std::max<size_t>(bytes, 64)));
+  if (!p) throw std::bad_alloc();
+  advise_huge_pages(p, bytes);
+  return Buffer(p);
+}
+
+#ifdef CAPKIT_X86
+// In-register transpose of 8 x 8 floats: rows src[i * ls], written to dst[j * ld].
+__attribute__((target("avx2,fma"))) inline void transpose8x8(const float* src, int64_t ls, float* dst, int64_t ld) {
+  __m256 r0 = _mm256_loadu_ps(src + 0 * ls), r1 = _mm256_loadu_ps(src + 1 * ls);
+  __m256 r2 = _mm256_loadu_ps(src + 2 * ls), r3 = _mm256_loadu_ps(src + 3 * ls);
+  __m256 r4 = _mm256_loadu_ps(src + 4 * ls), r5 = _mm256_loadu_ps(src + 5 * ls);
+  __m256 r6 = _mm256_loadu_ps(src + 6 * ls), r7 = _mm256_loadu_ps(src + 7 * ls);
+  const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+  const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+  const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+  const __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+  _mm256_storeu_ps(dst + 0 * ld, _mm256_permute2f128_ps(u0, u4, 0x20));
+  _mm256_storeu_ps(dst + 1 * ld, _mm256_permute2f128_ps(u1, u5, 0x20));
+  _mm256_storeu_ps(dst + 2 * ld, _mm256_permute2f128_ps(u2, u6, 0x20));
+  _mm256_storeu_ps(dst + 3 * ld, _mm256_permute2f128_ps(u3, u7, 0x20));
+  _mm256_storeu_ps(dst + 4 * ld, _mm256_permute2f128_ps(u0, u4, 0x31));
+  _mm256_storeu_ps(dst + 5 * ld, _mm256_permute2f128_ps(u1, u5, 0x31));
+  _mm256_storeu_ps(dst + 6 * ld, _mm256_permute2f128_ps(u2, u6, 0x31));
+  _mm256_storeu_ps(dst + 7 * ld, _mm256_permute2f128_ps(u3, u7, 0x31));
+}
+#endif
+
+// dst[c * ld + r] = src[r * ls + c] for r < rows, c < cols.
+void transpose_block(const float* src, int64_t ls, int64_t rows, int64_t cols, float* dst, int64_t ld) {
+  int64_t r0 = 0;
+#ifdef CAPKIT_X86
+  if (kAvx2) {
+    for (; r0 + 8 <= rows; r0 += 8) {
+      int64_t c0 = 0;
+      for (; c0 + 8 <= cols; c0 += 8) transpose8x8(src + r0 * ls + c0, ls, dst + c0 * ld + r0, ld);
+      for (int64_t c = c0; c < cols; ++c)
+        for (int64_t r = r0; r < r0 + 8; ++r) dst[c * ld + r] = src[r * ls + c];
+    }
+  }
+#endif
+  for (int64_t c = 0; c < cols; ++c)
+    for (int64_t r = r0; r < rows; ++r) dst[c * ld + r] = src[r * ls + c];
+}
+
+// acc[0 : 8V] = bias + sum_e values[e] * xt[col_idx[e] * kTok + 0 : 8V] for one output row.
+void row_scalar(const float* xt, const int32_t* idx, const float* val, int64_t e0, int64_t e1, float b0, bool acc_out,
+                int nvec, float* out) {
+  float acc[kTok];
+  for (int t = 0; t < kTok; ++t) acc[t] = acc_out ? out[t] : b0;
+  const int nt = nvec * 8;
+  for (int64_t e = e0; e < e1; ++e) {
+    const float w = val[e];
+    const float* p = xt + static_cast<int64_t>(idx[e]) * kTok;
+    for (int t = 0; t < nt; ++t) acc[t] += w * p[t];
+  }
+  std::memcpy(out, acc, sizeof(float) * kTok);
+}
+
+#ifdef CAPKIT_X86
+template <int V>
+__attribute__((target("avx2,fma"))) void row_avx2(const float* xt, const int32_t* idx, const float* val, int64_t e0,
+                                                  int64_t e1, float b0, bool acc_out, float* out) {
+  const __m256 binit = _mm256_set1_ps(b0);
+  __m256 a0 = binit, a1 = binit, a2 = binit, a3 = binit, a4 = binit, a5 = binit, a6 = binit, a7 = binit;
+  if (acc_out) {
+    a0 = _mm256_load_ps(out);
+    if constexpr (V > 1) a1 = _mm256_load_ps(out + 8);
+    if constexpr (V > 2) a2 = _mm256_load_ps(out + 16);
+    if constexpr (V > 3) a3 = _mm256_load_ps(out + 24);
+    if constexpr (V > 4) a4 = _mm256_load_ps(out + 32);
+    if constexpr (V > 5) a5 = _mm256_load_ps(out + 40);
+    if constexpr (V > 6) a6 = _mm256_load_ps(out + 48);
+    if constexpr (V > 7) a7 = _mm256_load_ps(out + 56);
+  }
+  for (int64_t e = e0; e < e1; ++e) {
+    const __m256 w = _mm256_broadcast_ss(val + e);
+    const float* p = xt + static_cast<int64_t>(idx[e]) * kTok;
+    a0 = _mm256_fmadd_ps(w, _mm256_load_ps(p), a0);
+    if constexpr (V > 1) a1 = _mm256_fmadd_ps(w, _mm256_load_ps(p + 8), a1);
+    if constexpr (V > 2) a2 = _mm256_fmadd_ps(w, _mm256_load_ps(p + 16), a2);
+    if constexpr (V > 3) a3 = _mm256_fmadd_ps(w, _mm256_load_ps(p + 24), a3);
+    if constexpr (V > 4) a4 = _mm256_fmadd_ps(w, _mm256_load_ps(p + 32), a4);
+    if constexpr (V > 5) a5 = _mm256_fmadd_ps(w, _mm256_load_ps(p + 40), a5);
+    if constexpr (V > 6) a6 = _mm256_fmadd_ps(w, _mm256_load_ps(p + 48), a6);
+    if constexpr (V > 7) a7 = _mm256_fmadd_ps(w, _mm256_load_ps(p + 56), a7);
+  }
+  _mm256_store_ps(out, a0);
+  if constexpr (V > 1) _mm256_store_ps(out + 8, a1);
+  if constexpr (V > 2) _mm256_store_ps(out + 16, a2);
+  if constexpr (V > 3) _mm256_store_ps(out + 24, a3);
+  if constexpr (V > 4) _mm256_store_ps(out + 32, a4);
+  if constexpr (V > 5) _mm256_store_ps(out + 40, a5);
+  if constexpr (V > 6) _mm256_store_ps(out + 48, a6);
+  if constexpr (V > 7) _mm256_store_ps(out + 56, a7);
+}
+
+// The same on 16-float vectors where the CPU has AVX-512: half the loads per stored weight.
+template <int V>
+__attribute__((target("avx512f"))) void row_avx512(const float* xt, const int32_t* idx, const float* val, int64_t e0,
+                                                   int64_t e1, float b0, bool acc_out, float* out) {
+  const __m512 binit = _mm512_set1_ps(b0);
+  __m512 a0 = binit, a1 = binit, a2 = binit, a3 = binit;
+  if (acc_out) {
+    a0 = _mm512_load_ps(out);
+    if constexpr (V > 1) a1 = _mm512_load_ps(out + 16);
+    if constexpr (V > 2) a2 = _mm512_load_ps(out + 32);
+    if constexpr (V > 3) a3 = _mm512_load_ps(out + 48);
+  }
+  for (int64_t e = e0; e < e1; ++e) {
+    const __m512 w = _mm512_set1_ps(val[e]);
+    const float* p = xt + static_cast<int64_t>(idx[e]) * kTok;
+    a0 = _mm512_fmadd_ps(w, _mm512_load_ps(p), a0);
+    if constexpr (V > 1) a1 = _mm512_fmadd_ps(w, _mm512_load_ps(p + 16), a1);
+    if constexpr (V > 2) a2 = _mm512_fmadd_ps(w, _mm512_load_ps(p + 32), a2);
+    if constexpr (V > 3) a3 = _mm512_fmadd_ps(w, _mm512_load_ps(p + 48), a3);
+  }
+  _mm512_store_ps(out, a0);
+  if constexpr (V > 1) _mm512_store_ps(out + 16, a1);
+  if constexpr (V > 2) _mm512_store_ps(out + 32, a2);
+  if constexpr (V > 3) _mm512_store_ps(out + 48, a3);
+}
+
+using RowFn = void (*)(const float*, const int32_t*, const float*, int64_t, int64_t, float, bool, float*);
+constexpr RowFn kRowFns[9] = {nullptr,     row_avx2<1>, row_avx2<2>, row_avx2<3>, row_avx2<4>,
+                              row_avx2<5>, row_avx2<6>, row_avx2<7>, row_avx2<8>};
+constexpr RowFn kRowFns512[5] = {nullptr, row_avx512<1>, row_avx512<2>, row_avx512<3>, row_avx512<4>};
+#endif
+
+// Tile `tile` of x transposed into dst [K][kTok]; tokens past M are zero.
+void transpose_tile(const float* x, int64_t M, int64_t K, int64_t tile, float* dst) {
+  const int64_t m0 = tile * kTok, rows = std::min<int64_t>(kTok, M - m0);
+  for (int64_t k0 = 0; k0 < K; k0 += kTok) {
+    const int64_t cols = std::min<int64_t>(kTok, K - k0);
+    float* d = dst + k0 * kTok;
+    transpose_block(x + m0 * K + k0, K, rows, cols, d, kTok);
+    if (rows < kTok)
+      for (int64_t c = 0; c < cols; ++c) std::memset(d + c * kTok + rows, 0, sizeof(float) * (kTok - rows));
+  }
+}
+
+// Output rows [n0, n0 + nrows) for the tokens of one tile, panel by panel (so that the panel's
+// rows of xT, kPanel x kTok floats, stay in L1 while every output row reads them); out is an
+// [nrows][kTok] buffer holding the partial sums between panels, then transposed into y.
+void rows_of_tile(const float* xtile, int64_t m0, int64_t ntok, int64_t n0, int64_t nrows, const int32_t* ptr,
+                  const int32_t* col_idx, const float* values, const float* bias, float* out, float* y, int64_t N,
+                  int64_t n_panels) {
+  const int nvec = static_cast<int>(cdiv(ntok, 8));
+  for (int64_t p = 0; p < n_panels; ++p) {
+    const int32_t* pp = ptr + p * N;
+    const bool acc_out = p > 0;
+    for (int64_t r = 0; r < nrows; ++r) {
+      const int64_t n = n0 + r;
+      const int64_t e0 = pp[n], e1 = pp[n + 1];
+      if (acc_out && e0 == e1) continue;  // nothing of this row in this panel
+      const float b0 = bias ? bias[n] : 0.0f;
+      float* o = out + r * kTok;
+#ifdef CAPKIT_X86
+      if (kAvx512) {
+        kRowFns512[(nvec + 1) / 2](xtile, col_idx, values, e0, e1, b0, acc_out, o);
+        continue;
+      }
+      if (kAvx2) {
+        kRowFns[nvec](xtile, col_idx, values, e0, e1, b0, acc_out, o);
+        continue;
+      }
+#endif
+      row_scalar(xtile, col_idx, values, e0, e1, b0, acc_out, nvec, o);
+    }
+  }
+  // out [rows][tokens] -> y [tokens][rows]
+  transpose_block(out, kTok, nrows, ntok, y + m0 * N + n0, N);
+}
+
+// Grow-only scratch of the calling thread (two of them): fresh pages for every call cost a fault each.
+template <int Slot>
+float* scratch(size_t n) {
+  thread_local Buffer buf;
+  thread_local size_t size = 0;
+  if (n > size) {
+    buf = alloc_floats(n);
+    size = n;
+  }
+  return buf.get();
+}
+
+}  // namespace
+
+void csr_linear_forward_f32(const float* x, const int32_t* ptr, const int32_t* col_idx, const float* values,
+                            const float* bias, float* y, int64_t M, int64_t N, int64_t K, int64_t panel) {
+  if (M == 0 || N == 0) return;
+  const int64_t n_panels = panel > 0 && K > 0 ? cdiv(K, panel) : 1;
+  const int64_t n_tiles = cdiv(M, kTok);
+  const int64_t tile_floats = std::max<int64_t>(K, 1) * kTok;
+  const int threads = cpu_max_threads();
+  if (n_tiles >= 4 * static_cast<int64_t>(threads)) {
+    // Many tokens: each thread transposes a tile into its own buffer (which stays in its L2)
+    // and computes every output row for it; x is read once and xT never goes to memory.
+#pragma omp parallel
+    {
+      float* xtile = scratch<0>(static_cast<size_t>(tile_floats));
+      float* out = scratch<1>(static_cast<size_t>(N) * kTok);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t tile = 0; tile < n_tiles; ++tile) {
+        const int64_t m0 = tile * kTok, ntok = std::min<int64_t>(kTok, M - m0);
+        transpose_tile(x, M, K, tile, xtile);
+        rows_of_tile(xtile, m0, ntok, 0, N, ptr, col_idx, values, bias, out, y, N, n_panels);
+      }
+    }
+    return;
+  }
+  // Few tokens (a single sequence): all tiles transposed up front into one shared buffer, then
+  // tasks of (tile, chunk of output rows), so that the output rows spread over the threads.
+  const int64_t n_chunks = cdiv(N, kRowChunk);
+  float* const xtb = scratch<0>(static_cast<size_t>(n_tiles) * tile_floats);  // the calling thread's
+#pragma omp parallel for schedule(static)
+  for (int64_t tile = 0; tile < n_tiles; ++tile) transpose_tile(x, M, K, tile, xtb + tile * tile_floats);
+#pragma omp parallel
+  {
+    alignas(64) float out[kRowChunk * kTok];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < n_tiles * n_chunks; ++task) {
+      const int64_t tile = task / n_chunks, n0 = (task % n_chunks) * kRowChunk;
+      const int64_t m0 = tile * kTok, ntok = std::min<int64_t>(kTok, M - m0);
+      rows_of_tile(xtb + tile * tile_floats, m0, ntok, n0, std::min<int64_t>(kRowChunk, N - n0), ptr, col_idx,
+                   values, bias, out, y, N, n_panels);
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace capkit

@@ -1,0 +1,21 @@
+// CPU kernel of a linear layer whose weight is unstructured-sparse, on raw pointers.
+//
+// The weight W [N, K] is stored once as CSR by output row within panels of `panel` input
+// features: for panel p (features [p * panel, (p + 1) * panel)), the stored weights of row n are
+// ptr[p * N + n] .. ptr[p * N + n + 1] (int32; ptr has ceil(K / panel) * N + 1 entries), with
+// col_idx [nnz] (int32, the feature index k, increasing) and values [nnz] (float32). panel <= 0
+// or >= K is plain CSR (ptr [N + 1]). Pruned entries are not stored, so whatever the dense weight
+// held there (NaN included) is never read.
+//   y [M, N] = x [M, K] @ W^T + bias, x and y row-major and contiguous, fp32 accumulation.
+// The same kernel gives dx = dy @ W when it is handed the CSR of W^T (rows = input features).
+#pragma once
+#include <cstdint>
+
+namespace capkit {
+namespace cpu {
+
+void csr_linear_forward_f32(const float* x, const int32_t* ptr, const int32_t* col_idx, const float* values,
+                            const float* bias, float* y, int64_t M, int64_t N, int64_t K, int64_t panel);
+
+}  // namespace cpu
+}  // namespace capkit

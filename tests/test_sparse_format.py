@@ -1,0 +1,169 @@
+"""The unstructured-sparse CPU inference kernel (CSR by output row) against the float64 reference:
+odd sizes, empty/full rows, an all-zero matrix, NaN in pruned weights, poisoned outputs, and the
+routing of masked_linear / MaskedLinear / capkit.load to it."""
+import math
+from unittest import mock
+
+import pytest
+import torch
+
+from capkit.ops import backend_status, masked_linear
+from capkit.ops import sparse_format
+from capkit.ops.sparse_format import csr_applies, csr_linear, pack_csr, packed_for_mask
+
+pytestmark = pytest.mark.skipif(backend_status(torch.device("cpu"))["cpu"] is not None,
+                                reason="capkit._C (the C++ CPU kernels) is not built")
+
+SHAPES = [(1, 7, 127), (7, 127, 33), (127, 33, 64), (64, 9, 769), (130, 100, 50), (65, 40, 8),
+          (577, 45, 300), (1000, 3, 129)]  # the last two: the many-token schedule, several panels
+
+
+def tol(k):
+    return 16 * 2e-6 * math.sqrt(k) + 2e-6
+
+
+def reference(x, w, m, b):
+    wm = torch.where(m, w.double(), torch.zeros((), dtype=torch.float64))
+    return torch.nn.functional.linear(x.double(), wm, None if b is None else b.double())
+
+
+def call_kernel(x, packed, bias):
+    """The op allocates its output: fill freed memory of that size with NaN first, so an element
+    the kernel failed to write would show."""
+    junk = torch.full((x.shape[0] * packed.shape[0] + 64,), float("nan"))
+    del junk
+    return csr_linear(x, packed, bias)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("density", [0.05, 0.3, 1.0])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_matches_reference(shape, density, with_bias):
+    m_, n, k = shape
+    x, w = torch.randn(m_, k), torch.randn(n, k)
+    mask = torch.rand(n, k) < density
+    b = torch.randn(n) if with_bias else None
+    y = call_kernel(x, pack_csr(w, mask), b)
+    assert y.shape == (m_, n) and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), reference(x, w, mask, b), atol=tol(k), rtol=0)
+
+
+def test_empty_full_rows_all_zero_and_nan_in_pruned_entries():
+    n, k, m_ = 37, 75, 70
+    w = torch.randn(n, k)
+    mask = torch.rand(n, k) < 0.2
+    mask[0] = False          # empty rows (first, middle, last)
+    mask[17] = False
+    mask[-1] = False
+    mask[5] = True           # full rows
+    mask[30] = True
+    w[~mask] = float("nan")  # pruned entries must never be read
+    x, b = torch.randn(m_, k), torch.randn(n)
+    y = call_kernel(x, pack_csr(w, mask), b)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y.double(), reference(x, w, mask, b), atol=tol(k), rtol=0)
+    torch.testing.assert_close(y[:, 0], b[0].expand(m_), atol=0, rtol=0)  # an empty row is its bias
+
+    zero = torch.zeros(n, k, dtype=torch.bool)
+    packed = pack_csr(w, zero)
+    assert packed.nnz == 0
+    y0 = call_kernel(x, packed, b)
+    torch.testing.assert_close(y0, b.expand(m_, n), atol=0, rtol=0)
+    torch.testing.assert_close(call_kernel(x, packed, None), torch.zeros(m_, n), atol=0, rtol=0)
+
+
+def test_every_output_is_written_and_leading_dims_kept():
+    x = torch.randn(3, 43, 50)
+    w, mask = torch.randn(29, 50), torch.rand(29, 50) < 0.15
+    for _ in range(3):  # reuse of the kernel's scratch across calls of other sizes
+        y = csr_linear(x, pack_csr(w, mask), None)
+        assert y.shape == (*x.shape[:-1], 29) and torch.isfinite(y).all()
+        torch.testing.assert_close(y.double(), reference(x.reshape(-1, 50), w, mask, None).view(*x.shape[:-1], 29),
+                                   atol=tol(50), rtol=0)
+        x = torch.randn(2, 200, 50)
+
+
+@pytest.mark.parametrize("panel", [0, 1, 8, 13, 128])
+def test_pack_round_trip_density_and_panels(panel):
+    w, mask = torch.randn(13, 50), torch.rand(13, 50) < 0.4
+    p = pack_csr(w, mask, panel=panel)
+    assert p.ptr.dtype == p.col_idx.dtype == torch.int32
+    assert p.density == pytest.approx(mask.float().mean().item())
+    torch.testing.assert_close(p.to_dense(), torch.where(mask, w, torch.zeros(())))
+    x = torch.randn(70, 50)
+    torch.testing.assert_close(csr_linear(x, p).double(), reference(x, w, mask, None), atol=tol(50), rtol=0)
+
+
+def test_native_op_checks_arguments():
+    x, w, mask = torch.randn(4, 10), torch.randn(6, 10), torch.rand(6, 10) < 0.5
+    p = pack_csr(w, mask)
+    op = torch.ops.capkit.csr_linear_forward
+    with pytest.raises(RuntimeError, match="entries"):
+        op(torch.randn(4, 9), p.ptr, p.col_idx, p.values, None, 6, 4)  # 3 panels of 4 for 9 columns
+    with pytest.raises(RuntimeError, match="int32"):
+        op(x, p.ptr.long(), p.col_idx, p.values, None, 6, p.panel)
+    with pytest.raises(RuntimeError, match="same length"):
+        op(x, p.ptr, p.col_idx, p.values[:-1], None, 6, p.panel)
+    with pytest.raises(RuntimeError, match="bias"):
+        op(x, p.ptr, p.col_idx, p.values, torch.randn(5), 6, p.panel)
+
+
+@pytest.fixture
+def csr_threshold():
+    with mock.patch.object(sparse_format, "csr_max_density", lambda dtype=torch.float32: 0.3):
+        yield
+
+
+def test_masked_linear_routes_sparse_bool_inference_to_csr(csr_threshold):
+    x, w, b = torch.randn(2, 9, 40), torch.randn(31, 40), torch.randn(31)
+    mask = torch.rand(31, 40) < 0.1
+    w[~mask] = float("nan")
+    assert csr_applies(x, w, mask, b, "cpu") and csr_applies(x, w, mask, b, "auto")
+    assert not csr_applies(x, w, mask, b, "torch")
+    assert not csr_applies(x, w, torch.rand(31, 40) < 0.9, b, "cpu")  # too dense
+    assert not csr_applies(x, w.requires_grad_(), mask, b, "cpu")  # training keeps the dense kernels
+    w = w.detach()
+    ref = reference(x.reshape(-1, 40), w, mask, b).view(2, 9, 31)
+    with torch.no_grad(), mock.patch.object(sparse_format, "pack_csr", wraps=pack_csr) as spy:
+        for backend in ("cpu", "auto"):
+            y = masked_linear(x, w, mask, b, backend=backend)
+            torch.testing.assert_close(y.double(), ref, atol=tol(40), rtol=0)
+        assert spy.call_count == 1  # the format is built once and cached
+        w.mul_(2.0)  # an in-place write to the weight rebuilds it
+        y = masked_linear(x, w, mask, b, backend="cpu")
+        assert spy.call_count == 2
+    torch.testing.assert_close(y.double(), reference(x.reshape(-1, 40), w, mask, b).view(2, 9, 31),
+                               atol=2 * tol(40), rtol=0)
+
+
+def test_masked_linear_module_uses_packed_weight(csr_threshold):
+    from capkit.nn import MaskedLinear
+
+    lin = MaskedLinear(48, 20)
+    mask = torch.rand(20, 48) < 0.1
+    lin.set_mask(mask)
+    x = torch.randn(5, 48)
+    with torch.no_grad():
+        y = lin(x)
+        p1 = lin._csr
+        y2 = lin(x)
+        assert lin._csr is p1 is not None  # not rebuilt per call
+    torch.testing.assert_close(y, y2)
+    torch.testing.assert_close(y.double(), reference(x, lin.weight.detach(), mask, lin.bias.detach()),
+                               atol=tol(48), rtol=0)
+    with torch.no_grad():
+        lin.weight.add_(1.0)
+        lin(x)
+    assert lin._csr is not p1
+    # training: the dense path, gradients flow
+    out = lin(x).sum()
+    out.backward()
+    assert lin.weight.grad is not None
+
+
+def test_packed_for_mask_cache_follows_weight_identity():
+    w1, mask = torch.randn(8, 16), torch.rand(8, 16) < 0.3
+    p1 = packed_for_mask(w1, mask)
+    assert packed_for_mask(w1, mask) is p1
+    w2 = w1.clone()
+    assert packed_for_mask(w2, mask) is not p1
