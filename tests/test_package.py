@@ -52,7 +52,10 @@ def test_dispatch_table_is_valid():
     for rule in _backends.dispatch_rules():
         assert rule["backend"] in _backends.BACKENDS
         assert rule["mode"] in ("training", "inference")
-        assert rule["mask_kind"] in ("none", "dense", "block", "nm")
+        assert rule["mask_kind"] in ("none", "dense", "block", "nm", "unstructured")
+        if rule["mask_kind"] == "unstructured":  # the CSR inference kernel's density limit
+            assert rule["mode"] == "inference" and rule["backend"] == "cpu" and rule.get("kernel") == "csr"
+            assert 0.0 < float(rule["max_density"]) <= 1.0
 
 
 def test_checkout_kernels_folder_does_not_shadow_the_kernels_distribution():

@@ -174,9 +174,9 @@ class MaskedLinear(nn.Module):
         mask = self.current_mask()
         if isinstance(mask, torch.Tensor) and csr_applies(x, self.weight, mask, self.bias, self.backend):
             return csr_linear(x, self.packed_weight(mask), self.bias)
-        # Inference with an unstructured or N:M mask already folded into the weight: there is no
-        # sparse kernel that beats the dense GEMM for these on this path, so run the dense one
-        # instead of re-applying the mask (block masks go to the block-sparse kernels).
+        # Inference with an unstructured mask too dense for the CSR kernel, or an N:M mask, already
+        # folded into the weight: the dense GEMM is the fastest measured path, so run it without
+        # re-applying the mask (block masks go to the block-sparse kernels).
         if (not torch.is_grad_enabled() and not isinstance(mask, BlockMask)
                 and not (isinstance(mask, torch.Tensor) and mask.dtype.is_floating_point)
                 and self._weight_already_masked(mask)):
