@@ -166,7 +166,7 @@ def benchmark_model(name: str, dense: nn.Module, shapes: Sequence[Tuple[int, int
         variants.append((fraction, compact, diff))
     rows = []
     tmp = tempfile.TemporaryDirectory()
-    ort = ort_baseline_or_none(dense, Path(tmp.name), failures, model=name) if device.type == "cpu" else None
+    ort = ort_baseline_or_none(dense, Path(tmp.name), failures, name=name) if device.type == "cpu" else None
     for batch, seq in shapes:
         inputs = make_inputs(dense, batch, seq, device)
         fns = [inference_call(model, inputs) for _, model, _ in variants]

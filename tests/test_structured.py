@@ -459,11 +459,18 @@ def test_inference_benchmark_on_a_tiny_model():
 
     rows, structures = bench.benchmark_model("tiny", tiny_bert(), [(2, 8)], [0.5], torch.device("cpu"),
                                              {"matmul_flops": 1e9, "copy_bytes_per_s": 1e9}, min_time=0.0, repeats=1)
+    from benchmarks.harness import onnxruntime_info
+
+    has_ort = onnxruntime_info()["onnxruntime"] is not None
+    ort_rows = [r for r in rows if r["variant"] == "onnxruntime dense"]
+    assert len(ort_rows) == (1 if has_ort else 0) and all(r["ms"] > 0 for r in ort_rows)
+    rows = [r for r in rows if r["variant"] != "onnxruntime dense"]
     assert [(r["variant"], r["fraction"]) for r in rows] == [("dense", 0.0), ("compacted", 0.5)]
     assert rows[1]["speedup_vs_dense"] > 0 and rows[1]["max_abs_diff_vs_gated"] < 1e-4
+    assert ("speedup_vs_ort" in rows[1]) == has_ort
     assert rows[1]["params"] < rows[0]["params"] and rows[1]["encoder_linear_params"] < rows[0]["encoder_linear_params"]
     assert structures["0.5"]["head_sparsity"] == 0.5 and sum(structures["0.5"]["heads"]) == LAYERS * HEADS // 2
     result = {"machine": {"device": "cpu", "torch": torch.__version__, "date": "now", "torch_threads": 1},
               "dtype": "float32", "importance": "random", "peaks": {"matmul_flops": 1e9, "copy_bytes_per_s": 1e9},
-              "rows": rows, "structures": {"tiny": structures}, "failures": []}
+              "rows": rows + ort_rows, "structures": {"tiny": structures}, "failures": []}
     assert bench.summary_markdown(result).startswith("# structured_inference on cpu")
