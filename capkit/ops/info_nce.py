@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from capkit.ops import _library  # noqa: F401  (registers capkit::info_nce_stats)
 from capkit.ops._backends import get_backend
 
 __all__ = ["info_nce", "info_nce_reference", "INFO_NCE_BACKENDS"]
@@ -179,50 +180,28 @@ _STREAMING = {"triton": _TritonStreaming(), "cuda": _ExtensionStreaming("cuda", 
               "cpu": _ExtensionStreaming("cpu", "CPU")}
 
 
-class _InfoNCEFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, query, keys, qid, kid, qlab, klab, self_index, temperature, w_u, w_s, normalization,
-                normalize, impl):
-        qf = query.float()
-        if normalize:
-            q_norm = qf.norm(dim=1, keepdim=True).clamp_min(_EPS)
-            qn = qf / q_norm
-            key_scale = 1.0 / keys.float().norm(dim=1).clamp_min(_EPS)
-        else:
-            q_norm, qn, key_scale = None, qf, None
-        qs = (qn / temperature).contiguous()
-        keys_c = keys.contiguous()
-        stats = impl.forward(qs, keys_c, key_scale, qid, kid, qlab, klab, self_index)
-        lse, sum_u, cnt_u, sum_s, cnt_s = stats.unbind(1)
-        terms = [(sum_u, cnt_u, w_u)] + [(sum_s, cnt_s, w_s if qlab is not None else 0.0)]
-        loss = lse.new_zeros(())
-        c = torch.zeros_like(lse)  # dL/dlse
-        a = []  # dL/dsum_t per term
-        for total, cnt, w in terms:
-            omega = _term_weights(cnt, float(w), normalization)
-            mean_lp = (total / cnt.clamp_min(1) - lse).where(cnt > 0, torch.zeros_like(lse))
-            loss = loss - (omega * mean_lp).sum()
-            a.append(-omega / cnt.clamp_min(1))
-            c = c + omega
-        coef_u, coef_s = a
-        coef = torch.stack([coef_u, coef_s, c], dim=1).contiguous()
-        ctx.save_for_backward(qs, keys_c, key_scale, qid, kid, qlab, klab, self_index, lse.contiguous(), coef,
-                              qn, q_norm)
-        ctx.temperature, ctx.impl, ctx.normalize = temperature, impl, normalize
-        return loss.to(torch.promote_types(query.dtype, torch.float32))
-
-    @staticmethod
-    def backward(ctx, grad):
-        qs, keys, key_scale, qid, kid, qlab, klab, self_index, lse, coef, qn, q_norm = ctx.saved_tensors
-        dq = None
-        if ctx.needs_input_grad[0]:
-            dqs = ctx.impl.backward(qs, keys, key_scale, qid, kid, qlab, klab, self_index, lse,
-                                    (coef * grad.float()).contiguous())
-            dqn = dqs / ctx.temperature
-            if ctx.normalize:
-                dqn = (dqn - qn * (qn * dqn).sum(1, keepdim=True)) / q_norm
-            dq = dqn
-        return (dq, None, None, None, None, None, None, None, None, None, None, None, None)
+def _streaming_loss(query, keys, qid, kid, qlab, klab, self_index, temperature, w_u, w_s, normalization,
+                    normalize, backend):
+    """The loss from the streaming statistics (custom op ``capkit::info_nce_stats``); autograd
+    differentiates the normalisation and the term weights, the op's registered backward the pass
+    over the keys."""
+    qf = query.float()
+    if normalize:
+        qn = qf / qf.norm(dim=1, keepdim=True).clamp_min(_EPS)
+        key_scale = (1.0 / keys.float().norm(dim=1).clamp_min(_EPS)).contiguous()
+    else:
+        qn, key_scale = qf, None
+    qs = (qn / temperature).contiguous()
+    stats = torch.ops.capkit.info_nce_stats(qs, keys.contiguous(), key_scale, qid, kid, qlab, klab, self_index,
+                                            backend)
+    lse, sum_u, cnt_u, sum_s, cnt_s = stats.unbind(1)
+    cnt_u, cnt_s = cnt_u.detach(), cnt_s.detach()
+    loss = lse.new_zeros(())
+    for total, cnt, w in ((sum_u, cnt_u, w_u), (sum_s, cnt_s, w_s if qlab is not None else 0.0)):
+        omega = _term_weights(cnt, float(w), normalization)
+        mean_lp = (total / cnt.clamp_min(1) - lse).where(cnt > 0, torch.zeros_like(lse))
+        loss = loss - (omega * mean_lp).sum()
+    return loss.to(torch.promote_types(query.dtype, torch.float32))
 
 
 def info_nce(query, keys, query_ids, key_ids, *, query_labels=None, key_labels=None, self_index=None,
@@ -257,17 +236,17 @@ def info_nce(query, keys, query_ids, key_ids, *, query_labels=None, key_labels=N
                                   normalize=normalize)
     if backend not in _STREAMING:
         raise ValueError(f"backend must be one of {('auto',) + INFO_NCE_BACKENDS}, got {backend!r}")
-    impl = _STREAMING[backend]
-    why = impl.unavailable_reason(query.device)
-    if why is not None:
-        raise RuntimeError(f"info_nce: backend '{backend}' cannot run here: {why}")
+    if not torch.compiler.is_compiling():
+        why = _STREAMING[backend].unavailable_reason(query.device)
+        if why is not None:
+            raise RuntimeError(f"info_nce: backend '{backend}' cannot run here: {why}")
     if query.shape[0] == 0:
         return query.sum() * 0.0
     if query.dtype == torch.float64:
         raise TypeError("the streaming backends compute in float32; use backend='torch' for float64 queries")
-    return _InfoNCEFunction.apply(query, keys, query_ids, key_ids, query_labels, key_labels, self_index,
-                                  float(temperature), float(unsup_weight), float(sup_weight), normalization,
-                                  bool(normalize), impl)
+    return _streaming_loss(query, keys, query_ids, key_ids, query_labels, key_labels, self_index,
+                           float(temperature), float(unsup_weight), float(sup_weight), normalization,
+                           bool(normalize), backend)
 
 
 def _choose(query: torch.Tensor) -> str:

@@ -11,7 +11,8 @@ from typing import Optional, Union
 
 import torch
 
-from capkit.ops._backends import BACKENDS, apply_mask, choose_backend, effective_mask, get_backend
+from capkit.ops import _library
+from capkit.ops._backends import BACKENDS, apply_mask, effective_mask
 from capkit.ops.masks import BlockMask, NMMask, check_dense_mask
 from capkit.ops.sparse_format import csr_applies, csr_linear, packed_for_mask
 
@@ -20,45 +21,6 @@ MaskLike = Union[torch.Tensor, BlockMask, NMMask, None]
 __all__ = ["masked_linear"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-class _MaskedLinearFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x2d, weight, mask, bias, layout, impl):
-        kmask = _kernel_mask(mask, weight)
-        y = impl.forward(x2d, weight, kmask, bias, layout)
-        ctx.save_for_backward(x2d, weight, mask)
-        ctx.layout, ctx.impl = layout, impl
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x2d, weight, mask = ctx.saved_tensors
-        need_x, need_w, need_m, need_b = ctx.needs_input_grad[:4]
-        impl, layout = ctx.impl, ctx.layout
-        grad_out = grad_out.contiguous()
-        kmask = _kernel_mask(mask, weight)
-        dx = dw = dm = db = None
-        if need_x:
-            dx = impl.grad_input(grad_out, weight, kmask, layout)
-        if need_w or need_m:
-            dw, dm = impl.grad_weight(grad_out, x2d, weight, kmask, layout, bool(need_w), bool(need_m))
-            if dm is not None:
-                dm = dm.to(mask.dtype)
-        if need_b:
-            db = grad_out.sum(0, dtype=torch.float32 if grad_out.dtype != torch.float64 else None).to(grad_out.dtype)
-        return dx, dw, dm, db, None, None
-
-
-def _kernel_mask(mask: Optional[torch.Tensor], weight: torch.Tensor) -> Optional[torch.Tensor]:
-    """Masks reach the kernels as uint8 (0/1 masks; bool is viewed, not copied) or the weight's dtype."""
-    if mask is None:
-        return None
-    if mask.dtype == torch.bool:
-        return mask.view(torch.uint8)
-    if mask.dtype == torch.uint8:
-        return mask
-    return mask.to(weight.dtype)
 
 
 def _split_mask(mask: MaskLike, weight_shape, device):
@@ -142,29 +104,24 @@ def masked_linear(
         w = apply_mask(weight, effective_mask(weight, dense_mask, layout))
         return torch.nn.functional.linear(x, w, bias)
 
-    if kind == "dense" and csr_applies(x, weight, dense_mask, bias, backend):
+    if kind == "dense" and not torch.compiler.is_compiling() and csr_applies(x, weight, dense_mask, bias, backend):
         # Inference with a fixed 0/1 mask sparse enough for the CSR kernel (measured threshold).
+        # (Not while compiling: the CSR format is built and cached per weight outside any graph.)
         return csr_linear(x, packed_for_mask(weight, dense_mask), bias)
 
     training = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, dense_mask, bias)
     )
-    if backend == "auto":
-        density = layout.block_density if layout is not None else None
-        backend = choose_backend(x.device, x.dtype, kind, density, training)
-    impl = get_backend(backend)
-    reason = impl.unavailable_reason(x.device) or impl.unsupported_reason(x, weight, dense_mask)
-    if reason is not None:
-        raise RuntimeError(f"masked_linear: backend '{backend}' cannot run here: {reason}")
-
+    if dense_mask is not None and dense_mask.requires_grad and not dense_mask.dtype.is_floating_point:
+        raise TypeError("mask requires grad but is not floating point")
     x2d = x.reshape(rows, in_f).contiguous()
-    weight_c = weight.contiguous()
     mask_c = dense_mask.contiguous() if dense_mask is not None else None
     bias_c = bias.contiguous() if bias is not None else None
-    if mask_c is not None and mask_c.requires_grad and not mask_c.dtype.is_floating_point:
-        raise TypeError("mask requires grad but is not floating point")
+    # The custom op capkit::masked_linear (capkit.ops._library): "auto" is resolved inside it, by
+    # the dispatch table, so that torch.compile traces the call as one node.
     with torch.autocast(x.device.type, enabled=False):
-        y = _MaskedLinearFunction.apply(x2d, weight_c, mask_c, bias_c, layout, impl)
+        y = torch.ops.capkit.masked_linear(x2d, weight.contiguous(), mask_c, bias_c,
+                                           *_library.layout_tensors(layout), kind, bool(training), backend)
     return y.view(*lead, out_f)
 
 

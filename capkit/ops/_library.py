@@ -1,0 +1,243 @@
+"""capkit's fused ops as PyTorch custom ops (``torch.library.custom_op``).
+
+Each op has a schema, a fake implementation that gives output shapes and dtypes without running
+anything (so ``torch.compile`` and ``torch.export`` trace through it), and a registered autograd
+formula, so the compiler sees one opaque node per call instead of a graph break:
+
+* ``capkit::masked_linear(x, weight, mask, bias, row_ptr, col_idx, col_ptr, row_idx, block_size,
+  mask_kind, training, backend) -> y`` with its backward ops ``capkit::masked_linear_dx`` and
+  ``capkit::masked_linear_dw``. A :class:`~capkit.ops.masks.BlockMask` travels as its four int32
+  lists and its block size; an :class:`~capkit.ops.masks.NMMask` as its dense 0/1 mask
+  (``mask_kind="nm"``).
+* ``capkit::info_nce_stats(qs, keys, key_scale, qid, kid, qlab, klab, self_index, backend)
+  -> stats [B, 5]``: the streaming pass of :func:`capkit.ops.info_nce` (per query: log-sum-exp,
+  sum and count of the positive scores of each term). Its gradient with respect to ``qs`` is the
+  streaming backward kernel with ``coef = (dL/dsum_u, dL/dsum_s, dL/dlse)``; everything around it
+  (normalisation, term weights) is plain PyTorch, differentiated by autograd.
+
+The backend is a string argument, resolved inside the real implementation: ``"auto"`` becomes a
+concrete backend there (from the measured dispatch table), so the choice never runs while a
+graph is traced. These names are distinct from the C++ kernels' own ``torch.ops.capkit.*``
+entries (``masked_linear_forward`` and the rest), which the implementations call.
+"""
+from __future__ import annotations
+
+import sys
+import weakref
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from capkit.ops._backends import choose_backend, get_backend
+from capkit.ops.masks import BlockLayout
+
+__all__ = ["CUSTOM_OPS", "layout_tensors"]
+
+# The ops this module registers, as ``torch.ops`` names.
+CUSTOM_OPS = ("capkit::masked_linear", "capkit::masked_linear_dx", "capkit::masked_linear_dw",
+              "capkit::info_nce_stats", "capkit::info_nce_stats_backward")
+
+
+def layout_tensors(layout: Optional[BlockLayout]):
+    """``(row_ptr, col_idx, col_ptr, row_idx, block_size)`` of a block layout (Nones and 0 without)."""
+    if layout is None:
+        return None, None, None, None, 0
+    return layout.row_ptr, layout.col_idx, layout.col_ptr, layout.row_idx, int(layout.block_size)
+
+
+# Layouts rebuilt from their tensors, by the identity of row_ptr: keeps the reference backend's
+# dense block mask (cached on the layout) from being rebuilt at every call.
+_LAYOUTS: Dict[int, Tuple[weakref.ref, tuple, BlockLayout]] = {}
+
+
+def _layout(shape, row_ptr, col_idx, col_ptr, row_idx, block_size) -> Optional[BlockLayout]:
+    if row_ptr is None:
+        return None
+    tensors = (row_ptr, col_idx, col_ptr, row_idx)
+    state = tuple((t.data_ptr(), t._version) for t in tensors) + (tuple(shape), int(block_size))
+    hit = _LAYOUTS.get(id(row_ptr))
+    if hit is not None and hit[0]() is row_ptr and hit[1] == state:
+        return hit[2]
+    layout = BlockLayout(tuple(int(s) for s in shape), int(block_size), *tensors, checked=True)
+    if len(_LAYOUTS) > 4096:  # forget layouts whose tensors are gone
+        for key in [k for k, v in _LAYOUTS.items() if v[0]() is None]:
+            del _LAYOUTS[key]
+    _LAYOUTS[id(row_ptr)] = (weakref.ref(row_ptr), state, layout)
+    return layout
+
+
+def _kernel_mask(mask: Optional[torch.Tensor], weight: torch.Tensor) -> Optional[torch.Tensor]:
+    """Masks reach the kernels as uint8 (0/1 masks; bool is viewed, not copied) or the weight's dtype."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return mask.view(torch.uint8)
+    if mask.dtype == torch.uint8:
+        return mask
+    return mask.to(weight.dtype)
+
+
+def _resolve(backend: str, x: torch.Tensor, weight: torch.Tensor, mask: Optional[torch.Tensor],
+             layout: Optional[BlockLayout], mask_kind: str, training: bool, op: str = "masked_linear"):
+    """The backend object for a call: ``"auto"`` resolved by the dispatch table, then checked."""
+    if backend == "auto":
+        density = layout.block_density if layout is not None else None
+        backend = choose_backend(x.device, x.dtype, mask_kind, density, training)
+    impl = get_backend(backend)
+    reason = impl.unavailable_reason(x.device) or impl.unsupported_reason(x, weight, mask)
+    if reason is not None:
+        raise RuntimeError(f"{op}: backend '{backend}' cannot run here: {reason}")
+    return impl
+
+
+# ---------------------------------------------------------------------------------------------
+# masked_linear
+
+
+@torch.library.custom_op("capkit::masked_linear", mutates_args=())
+def _masked_linear_op(x: torch.Tensor, weight: torch.Tensor, mask: Optional[torch.Tensor],
+                      bias: Optional[torch.Tensor], row_ptr: Optional[torch.Tensor],
+                      col_idx: Optional[torch.Tensor], col_ptr: Optional[torch.Tensor],
+                      row_idx: Optional[torch.Tensor], block_size: int, mask_kind: str, training: bool,
+                      backend: str) -> torch.Tensor:
+    layout = _layout(weight.shape, row_ptr, col_idx, col_ptr, row_idx, block_size)
+    impl = _resolve(backend, x, weight, mask, layout, mask_kind, training)
+    return impl.forward(x, weight, _kernel_mask(mask, weight), bias, layout)
+
+
+@_masked_linear_op.register_fake
+def _(x, weight, mask, bias, row_ptr, col_idx, col_ptr, row_idx, block_size, mask_kind, training, backend):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.custom_op("capkit::masked_linear_dx", mutates_args=())
+def _masked_linear_dx_op(grad_out: torch.Tensor, weight: torch.Tensor, mask: Optional[torch.Tensor],
+                         row_ptr: Optional[torch.Tensor], col_idx: Optional[torch.Tensor],
+                         col_ptr: Optional[torch.Tensor], row_idx: Optional[torch.Tensor], block_size: int,
+                         mask_kind: str, backend: str) -> torch.Tensor:
+    layout = _layout(weight.shape, row_ptr, col_idx, col_ptr, row_idx, block_size)
+    impl = _resolve(backend, grad_out, weight, mask, layout, mask_kind, True)
+    return impl.grad_input(grad_out.contiguous(), weight, _kernel_mask(mask, weight), layout)
+
+
+@_masked_linear_dx_op.register_fake
+def _(grad_out, weight, mask, row_ptr, col_idx, col_ptr, row_idx, block_size, mask_kind, backend):
+    return grad_out.new_empty((grad_out.shape[0], weight.shape[1]))
+
+
+@torch.library.custom_op("capkit::masked_linear_dw", mutates_args=())
+def _masked_linear_dw_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                         mask: Optional[torch.Tensor], row_ptr: Optional[torch.Tensor],
+                         col_idx: Optional[torch.Tensor], col_ptr: Optional[torch.Tensor],
+                         row_idx: Optional[torch.Tensor], block_size: int, mask_kind: str, backend: str,
+                         need_weight_grad: bool, need_mask_grad: bool) -> List[torch.Tensor]:
+    """``[dweight, dmask]``; an entry not asked for is an empty tensor."""
+    layout = _layout(weight.shape, row_ptr, col_idx, col_ptr, row_idx, block_size)
+    impl = _resolve(backend, x, weight, mask, layout, mask_kind, True)
+    dw, dm = impl.grad_weight(grad_out.contiguous(), x, weight, _kernel_mask(mask, weight), layout,
+                              need_weight_grad, need_mask_grad)
+    dw = dw if need_weight_grad else weight.new_empty((0,))
+    dm = dm.to(mask.dtype) if need_mask_grad else weight.new_empty((0,))
+    return [dw, dm]
+
+
+@_masked_linear_dw_op.register_fake
+def _(grad_out, x, weight, mask, row_ptr, col_idx, col_ptr, row_idx, block_size, mask_kind, backend,
+      need_weight_grad, need_mask_grad):
+    dw = weight.new_empty(weight.shape) if need_weight_grad else weight.new_empty((0,))
+    dm = mask.new_empty(mask.shape) if need_mask_grad else weight.new_empty((0,))
+    return [dw, dm]
+
+
+def _masked_linear_setup(ctx, inputs, output):
+    x, weight, mask, bias, row_ptr, col_idx, col_ptr, row_idx, block_size, mask_kind, training, backend = inputs
+    ctx.save_for_backward(x, weight, mask, row_ptr, col_idx, col_ptr, row_idx)
+    ctx.block_size, ctx.mask_kind, ctx.backend = block_size, mask_kind, backend
+    ctx.has_bias = bias is not None
+
+
+def _masked_linear_backward(ctx, grad_out):
+    x, weight, mask, row_ptr, col_idx, col_ptr, row_idx = ctx.saved_tensors
+    need_x, need_w, need_m, need_b = ctx.needs_input_grad[:4]
+    lists = (row_ptr, col_idx, col_ptr, row_idx, ctx.block_size, ctx.mask_kind, ctx.backend)
+    dx = dw = dm = db = None
+    if need_x:
+        dx = torch.ops.capkit.masked_linear_dx(grad_out, weight, mask, *lists)
+    if need_w or need_m:
+        dw, dm = torch.ops.capkit.masked_linear_dw(grad_out, x, weight, mask, *lists, bool(need_w), bool(need_m))
+        dw = dw if need_w else None
+        dm = dm if need_m else None
+    if need_b and ctx.has_bias:
+        acc = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
+        db = grad_out.sum(0, dtype=acc).to(grad_out.dtype)
+    return dx, dw, dm, db, None, None, None, None, None, None, None, None
+
+
+_masked_linear_op.register_autograd(_masked_linear_backward, setup_context=_masked_linear_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# info_nce
+
+
+def _streaming(backend: str, device: torch.device):
+    mod = sys.modules["capkit.ops.info_nce"]  # the module's table, so that tests can replace entries
+
+    if backend not in mod._STREAMING:
+        raise ValueError(f"info_nce_stats: backend must be one of {tuple(mod._STREAMING)}, got {backend!r}")
+    impl = mod._STREAMING[backend]
+    why = impl.unavailable_reason(device)
+    if why is not None:
+        raise RuntimeError(f"info_nce: backend '{backend}' cannot run here: {why}")
+    return impl
+
+
+@torch.library.custom_op("capkit::info_nce_stats", mutates_args=())
+def _info_nce_stats_op(qs: torch.Tensor, keys: torch.Tensor, key_scale: Optional[torch.Tensor],
+                       qid: torch.Tensor, kid: torch.Tensor, qlab: Optional[torch.Tensor],
+                       klab: Optional[torch.Tensor], self_index: Optional[torch.Tensor],
+                       backend: str) -> torch.Tensor:
+    impl = _streaming(backend, qs.device)
+    return impl.forward(qs.contiguous(), keys.contiguous(), key_scale, qid, kid, qlab, klab, self_index)
+
+
+@_info_nce_stats_op.register_fake
+def _(qs, keys, key_scale, qid, kid, qlab, klab, self_index, backend):
+    return qs.new_empty((qs.shape[0], 5), dtype=torch.float32)
+
+
+@torch.library.custom_op("capkit::info_nce_stats_backward", mutates_args=())
+def _info_nce_stats_backward_op(qs: torch.Tensor, keys: torch.Tensor, key_scale: Optional[torch.Tensor],
+                                qid: torch.Tensor, kid: torch.Tensor, qlab: Optional[torch.Tensor],
+                                klab: Optional[torch.Tensor], self_index: Optional[torch.Tensor],
+                                lse: torch.Tensor, coef: torch.Tensor, backend: str) -> torch.Tensor:
+    impl = _streaming(backend, qs.device)
+    return impl.backward(qs.contiguous(), keys.contiguous(), key_scale, qid, kid, qlab, klab, self_index,
+                         lse.contiguous(), coef.contiguous())
+
+
+@_info_nce_stats_backward_op.register_fake
+def _(qs, keys, key_scale, qid, kid, qlab, klab, self_index, lse, coef, backend):
+    return torch.empty_like(qs, dtype=torch.float32)
+
+
+def _info_nce_setup(ctx, inputs, output):
+    qs, keys, key_scale, qid, kid, qlab, klab, self_index, backend = inputs
+    ctx.save_for_backward(qs, keys, key_scale, qid, kid, qlab, klab, self_index, output)
+    ctx.backend = backend
+
+
+def _info_nce_backward(ctx, grad_stats):
+    qs, keys, key_scale, qid, kid, qlab, klab, self_index, stats = ctx.saved_tensors
+    dqs = None
+    if ctx.needs_input_grad[0]:
+        # stats = (lse, sum_u, cnt_u, sum_s, cnt_s); the counts are piecewise constant in qs.
+        g = grad_stats.float()
+        coef = torch.stack([g[:, 1], g[:, 3], g[:, 0]], dim=1).contiguous()
+        dqs = torch.ops.capkit.info_nce_stats_backward(qs, keys, key_scale, qid, kid, qlab, klab, self_index,
+                                                       stats[:, 0].contiguous(), coef, ctx.backend)
+        dqs = dqs.to(qs.dtype)
+    return dqs, None, None, None, None, None, None, None, None
+
+
+_info_nce_stats_op.register_autograd(_info_nce_backward, setup_context=_info_nce_setup)
