@@ -96,6 +96,8 @@ _HELP = {
     "tensorboard": "also log to TensorBoard when it is installed",
     "progress": "progress bars",
     "num_workers": "data-loader worker processes",
+    "compile": "train with torch.compile (the student's forward and backward; masks are computed ahead of each "
+               "step, so the graph does not break at the pruned layers); off by default: COMPILE_MEASUREMENT",
 }
 
 
@@ -122,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name == "method":
             p.add_argument(flag, choices=list(METHODS), **kwargs)
         elif f.name in ("prc", "snc", "fic", "kd", "bf16", "global_topk", "freeze_embeddings", "tensorboard",
-                        "progress", "resume"):
+                        "progress", "resume", "compile"):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif f.name in ("structured_fractions",):
             p.add_argument(flag, type=float, nargs="+", metavar="F", **kwargs)

@@ -138,6 +138,7 @@ class CAPConfig:
     tensorboard: bool = True
     progress: bool = True
     num_workers: int = 0
+    compile: bool = False                 # torch.compile the student's training forward
 
     # ------------------------------------------------------------------------------------------
     @property

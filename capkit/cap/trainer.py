@@ -28,6 +28,7 @@ from capkit.cap.banks import MemoryBank, encode_representations, model_inputs, t
 from capkit.cap.config import LEGACY_SETTINGS, CAPConfig, ConfigError
 from capkit.cap.losses import ContrastiveSettings, contrastive_loss, kd_loss, task_loss
 from capkit.cap.representations import RepresentationTap
+from capkit.nn import prepared_masks
 
 __all__ = ["CAPRun", "finetune_teacher", "load_data", "load_pretrained", "run"]
 
@@ -335,6 +336,7 @@ class CAPRun:
         self._interrupted = False
         self._log_file = None
         self._tb = None
+        self._compiled = None  # (module, its torch.compile wrapper) when cfg.compile
 
     # -- set-up ----------------------------------------------------------------------------------
     def _device(self) -> torch.device:
@@ -550,7 +552,7 @@ class CAPRun:
         cfg = self.cfg
         inputs = model_inputs(batch)
         with self._autocast():
-            out = self.student(**inputs)
+            out = self._student_forward(inputs)
         parts: Dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=self.device)
         teacher_out = None
@@ -593,6 +595,16 @@ class CAPRun:
             total = total + parts["l1"]
         return total, {k: float(v.detach()) for k, v in parts.items()}
 
+    def _student_forward(self, inputs: dict):
+        """The student's training forward: eager, or compiled (``compile``) with every pruned
+        layer's mask computed ahead, outside the graph."""
+        if not self.cfg.compile:
+            return self.student(**inputs)
+        if self._compiled is None or self._compiled[0] is not self.student:
+            self._compiled = (self.student, torch.compile(self.student))
+        with prepared_masks(self._bare_student()):
+            return self._compiled[1](**inputs)
+
     # -- checkpoints -----------------------------------------------------------------------------
     def _checkpoint_path(self) -> Path:
         return self.out / CHECKPOINT
@@ -634,7 +646,8 @@ class CAPRun:
             raise ConfigError.of("resume", f"{path} cannot be read ({exc}); it is not a capkit checkpoint") from exc
         saved = CAPConfig.from_dict({**LEGACY_SETTINGS, **state["config"]})
         # how the run is watched and where it lives are not its settings: a run folder may be moved
-        ignore = {"resume", "progress", "save_every", "device", "num_workers", "tensorboard", "output_dir", "eval_file"}
+        ignore = {"resume", "progress", "save_every", "device", "num_workers", "tensorboard", "output_dir", "eval_file",
+                  "compile"}
         diff = {k: (v, getattr(self.cfg, k)) for k, v in saved.to_dict().items()
                 if k not in ignore and getattr(self.cfg, k) != v}
         if diff:

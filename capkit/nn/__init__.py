@@ -1,6 +1,6 @@
 """Modules built on capkit's ops, and the patching of transformers encoders."""
 from capkit.nn.info_nce import InfoNCE
-from capkit.nn.masked_linear import MaskedLinear
+from capkit.nn.masked_linear import MaskedLinear, prepared_masks
 from capkit.nn.patch import (
     ROLES,
     UnsupportedModelError,
@@ -18,5 +18,6 @@ __all__ = [
     "encoder_layers",
     "masked_modules",
     "patch_model",
+    "prepared_masks",
     "unpatch",
 ]

@@ -2,7 +2,8 @@
 fused op (``capkit.ops.masked_linear``), never materialised."""
 from __future__ import annotations
 
-from typing import Optional, Union
+from contextlib import contextmanager
+from typing import Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -12,7 +13,7 @@ from capkit.ops import BlockMask, NMMask, masked_linear
 from capkit.ops._backends import apply_mask, effective_mask
 from capkit.ops.sparse_format import CSRWeight, csr_applies, csr_linear, pack_csr
 
-__all__ = ["MaskedLinear", "TopKStraightThrough"]
+__all__ = ["MaskedLinear", "TopKStraightThrough", "prepared_masks"]
 
 
 class TopKStraightThrough(torch.autograd.Function):
@@ -77,6 +78,9 @@ class MaskedLinear(nn.Module):
         self._prefolded = False
         self._csr_watch = ChangeWatch()
         self._csr: Optional[CSRWeight] = None
+        # The mask of the next forward(s), computed ahead by :func:`capkit.nn.prepared_masks`
+        # (so that a compiled forward reads a tensor instead of tracing the criterion's caches).
+        self._prepared = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> "MaskedLinear":
@@ -118,6 +122,9 @@ class MaskedLinear(nn.Module):
 
     def current_mask(self):
         """The mask the forward uses (a tensor, BlockMask or NMMask)."""
+        prepared = getattr(self, "_prepared", None)  # absent in modules pickled by older versions
+        if prepared is not None:
+            return prepared
         if self.criterion is not None:
             return self.criterion.mask(self)
         if self.scores is not None:
@@ -172,6 +179,10 @@ class MaskedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mask = self.current_mask()
+        if torch.compiler.is_compiling():
+            # Traced by torch.compile: one custom-op call (the CSR and pre-folded shortcuts keep
+            # caches keyed on tensor storage, which a graph cannot hold).
+            return masked_linear(x, self.weight, mask, self.bias, backend=self.backend)
         if isinstance(mask, torch.Tensor) and csr_applies(x, self.weight, mask, self.bias, self.backend):
             return csr_linear(x, self.packed_weight(mask), self.bias)
         # Inference with an unstructured mask too dense for the CSR kernel, or an N:M mask, already
@@ -190,3 +201,25 @@ class MaskedLinear(nn.Module):
             kind = "scores" if self.scores is not None else (type(self._structured).__name__ if self._structured else "dense")
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, mask={kind}, block_size={self.block_size}, backend={self.backend}")
+
+
+@contextmanager
+def prepared_masks(model: nn.Module) -> Iterator[None]:
+    """Compute the mask of every :class:`MaskedLinear` in ``model`` now, in eager mode, and have
+    the forwards inside the block use it.
+
+    For ``torch.compile``: a pruning criterion finds its top-k thresholds with caches keyed on
+    tensor versions, which a graph cannot hold; computed ahead, each layer's mask reaches the
+    compiled forward as an ordinary tensor input (the straight-through gradient still flows from
+    the mask to the scores). Grad mode at entry decides, as in a plain forward, whether the masks
+    carry that gradient. The masks are dropped when the block ends.
+    """
+    modules = [m for m in model.modules() if isinstance(m, MaskedLinear)]
+    try:
+        for m in modules:
+            m._prepared = None
+            m._prepared = m.current_mask()
+        yield
+    finally:
+        for m in modules:
+            m._prepared = None

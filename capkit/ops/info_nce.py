@@ -72,7 +72,9 @@ def _check_inputs(query, keys, query_ids, key_ids, query_labels, key_labels, sel
         raise ValueError(f"sup_weight={sup_weight} needs query_labels and key_labels")
     if self_index is not None:
         check_index("self_index", self_index, b)
-        if b and (bool((self_index < -1).any()) or bool((self_index >= m).any())):
+        # (a value check needs the data: not while torch.compile traces)
+        if b and not torch.compiler.is_compiling() and (bool((self_index < -1).any())
+                                                        or bool((self_index >= m).any())):
             raise ValueError(f"self_index entries must lie in [-1, {m}), -1 meaning none")
     if not isinstance(temperature, (int, float)) or not temperature > 0:
         raise ValueError(f"temperature must be a positive number, got {temperature!r}")
@@ -250,18 +252,24 @@ def info_nce(query, keys, query_ids, key_ids, *, query_labels=None, key_labels=N
 
 
 def _choose(query: torch.Tensor) -> str:
+    return _choose_for(query.device, query.dtype)
+
+
+@torch.compiler.assume_constant_result
+def _choose_for(device: torch.device, dtype: torch.dtype) -> str:
+    # A constant while torch.compile traces (the backends present do not change within a run).
     # GPUs: the streaming Triton kernel (tensor cores), else the CUDA C++ one (fp32 on the CUDA
     # cores; no GPU timing yet to rank it above Triton). CPUs: the C++
     # streaming kernels, which beat the reference at every shape measured on the 2-core machine
     # (benchmarks/results/amd-epyc-2c/info_nce_quick.md, forward+backward): B 4 x M 64 x d 32
     # 1.48x, CAP's 32 x 4,200 x 768 1.62x, 256 x 65,536 x 768 2.25x; the reference for float64
     # (the kernels compute in float32).
-    if query.device.type == "cuda":
+    if device.type == "cuda":
         # without Triton, the CUDA C++ kernels: streaming keeps the memory O(B + M)
         for name in ("triton", "cuda"):
-            if _STREAMING[name].unavailable_reason(query.device) is None:
+            if _STREAMING[name].unavailable_reason(device) is None:
                 return name
-    if (query.device.type == "cpu" and query.dtype != torch.float64
-            and _STREAMING["cpu"].unavailable_reason(query.device) is None):
+    if (device.type == "cpu" and dtype != torch.float64
+            and _STREAMING["cpu"].unavailable_reason(device) is None):
         return "cpu"
     return "torch"
