@@ -64,11 +64,15 @@ from capkit.cap.banks import MemoryBank
 from capkit.cap.losses import ContrastiveSettings, contrastive_loss, kd_loss, task_loss
 from capkit.cap.representations import RepresentationTap
 from capkit.cap.trainer import adamw_options
+from capkit.nn import prepared_masks
 from capkit.ops.info_nce import info_nce_reference
 from capkit.pruning import Pruner
 from capkit.pruning.topk import kept_count
 
-VARIANTS = ("capkit", "reference", "kd")
+VARIANTS = ("capkit", "reference", "kd", "capkit-compiled")
+# run unless --variants says otherwise ("capkit-compiled": capkit's step with the student under
+# torch.compile, its masks prepared ahead of the forward; compiling takes a while, so on request)
+DEFAULT_VARIANTS = ("capkit", "reference", "kd")
 PHASES = ("mask_update", "teacher_forward", "student_forward", "contrastive", "backward", "optimizer")
 BANKS = (("prc", 1), ("fic", 1), ("snc", 2))  # (name, snapshots R)
 NUM_LABELS = 2
@@ -161,7 +165,8 @@ class Step:
         scores_gen = torch.Generator().manual_seed(1)
         self.ref_modules: List[ReferenceMovementLinear] = []
         self.pruner = None
-        if variant == "capkit":
+        self.compiled = None
+        if variant in ("capkit", "capkit-compiled"):
             self.pruner = Pruner(self.student, "movement", keep=args.keep)
             with torch.no_grad():
                 for p in self.pruner.score_parameters():  # distinct scores (zeros would all tie)
@@ -172,13 +177,15 @@ class Step:
                 _set_submodule(self.student, name, module.to(device))
                 self.ref_modules.append(module)
         self.tap = RepresentationTap(self.student, "cls")
+        if variant == "capkit-compiled":
+            self.compiled = torch.compile(self.student)
         # the optimiser capkit's trainer builds (fused AdamW), the same for every variant
         self.optimizer = torch.optim.AdamW([p for p in self.student.parameters() if p.requires_grad], lr=1e-5,
                                            **adamw_options(device))
         # Banks: on the device in the training precision (capkit), on the CPU in fp32 (reference).
         self.banks: Dict[str, MemoryBank] = {}
         if variant != "kd":
-            on_device = variant == "capkit"
+            on_device = variant in ("capkit", "capkit-compiled")
             bank_device = device if on_device else torch.device("cpu")
             bank_dtype = torch.bfloat16 if (on_device and self.bf16) else torch.float32
             for name, snaps in BANKS:
@@ -209,7 +216,11 @@ class Step:
     def student_forward(self, state: dict) -> None:
         batch = state["batch"]
         with self.autocast():
-            out = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            if self.compiled is not None:
+                with prepared_masks(self.student):
+                    out = self.compiled(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            else:
+                out = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         state["loss"] = task_loss(out.logits, batch["labels"]) + kd_loss(out.logits, state["teacher_logits"])
 
     def contrastive(self, state: dict) -> None:
@@ -222,7 +233,7 @@ class Step:
         loss = state["loss"]
         for name, bank in self.banks.items():
             gen = state["negatives"][name]
-            if self.variant == "capkit":
+            if self.variant != "reference":
                 loss = loss + contrastive_loss(anchor, ids, labels, anchor.detach(), ids, labels, bank,
                                                self.settings, gen, self_index=self_index)
             else:
@@ -378,6 +389,8 @@ def run(args) -> Dict:
             summary["speedup_vs_reference" + suffix] = by["reference"] / by["capkit"]
         if "capkit" in by and "kd" in by:
             summary["overhead_vs_kd" + suffix] = by["capkit"] / by["kd"] - 1.0
+        if "capkit" in by and "capkit-compiled" in by:
+            summary["compiled_speedup_vs_eager" + suffix] = by["capkit"] / by["capkit-compiled"]
     if "capkit" in losses and "reference" in losses:
         summary["first_loss"] = losses
         summary["loss_rel_diff"] = abs(losses["capkit"] - losses["reference"]) / max(abs(losses["reference"]), 1e-12)
@@ -413,6 +426,10 @@ def summary_markdown(result: Dict) -> str:
     if "overhead_vs_kd" in s:
         lines.append(f"- CAP's overhead over plain KD fine-tuning: **{100 * s['overhead_vs_kd']:.1f}%** (target <= 10%; "
                      f"{100 * s['overhead_vs_kd_from_min']:.1f}% from the fastest steps)")
+    if "compiled_speedup_vs_eager" in s:
+        lines.append(f"- capkit's step with the student under torch.compile against eager: "
+                     f"**{s['compiled_speedup_vs_eager']:.2f}x** ({s['compiled_speedup_vs_eager_from_min']:.2f}x from "
+                     f"the fastest steps; the compile itself, in the untimed first steps, not counted)")
     rows = {r["variant"]: r for r in result["rows"]}
     if "capkit" in rows and "kd" in rows:  # where CAP's time over plain KD goes, phase by phase
         extra = {ph: rows["capkit"][ph] - rows["kd"][ph] for ph in PHASES}
@@ -446,7 +463,9 @@ def main(argv=None) -> int:
     p.add_argument("--keep", type=float, default=0.1, help="kept fraction of every masked matrix (default 0.1)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 10 on CUDA, 5 on the CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 on CUDA, 1 on the CPU)")
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS),
+                   help=f"variants to time (default: {' '.join(DEFAULT_VARIANTS)}; capkit-compiled: capkit's step "
+                        f"with the student under torch.compile)")
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")
     p.add_argument("--teacher-logits", choices=("cache", "live"), default="cache",
                    help="capkit and kd read the teacher's logits from a table filled before training (cache, "

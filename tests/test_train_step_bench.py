@@ -17,7 +17,7 @@ def test_train_step_results_are_complete(tmp_path):
     rc = bench.main(TINY + ["--out", str(tmp_path)])
     data = json.loads((tmp_path / "train_step.json").read_text())
     assert rc == 0 and data["failures"] == []
-    assert {r["variant"] for r in data["rows"]} == set(bench.VARIANTS)
+    assert {r["variant"] for r in data["rows"]} == set(bench.DEFAULT_VARIANTS)
     for row in data["rows"]:
         assert row["step_ms"] > 0 and row["dtype"] == "float32"
         assert all(row[p] >= 0 for p in bench.PHASES)
@@ -157,3 +157,12 @@ def test_accuracy_method_specs_share_one_budget():
                       ("finetune", "unknown method")):
         with pytest.raises(ValueError, match=says):
             parse_method(bad)
+
+
+def test_train_step_compiled_variant(tmp_path):
+    rc = bench.main(TINY + ["--variants", "capkit", "capkit-compiled", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "train_step.json").read_text())
+    assert rc == 0 and data["failures"] == []
+    assert {r["variant"] for r in data["rows"]} == {"capkit", "capkit-compiled"}
+    assert data["summary"]["compiled_speedup_vs_eager"] > 0
+    assert "torch.compile against eager" in (tmp_path / "train_step.md").read_text()
