@@ -166,7 +166,8 @@ class Step:
         self.ref_modules: List[ReferenceMovementLinear] = []
         self.pruner = None
         self.compiled = None
-        if variant in ("capkit", "capkit-compiled"):
+        fused = variant in ("capkit", "capkit-compiled")  # capkit's pruner, banks on the device, fused loss
+        if fused:
             self.pruner = Pruner(self.student, "movement", keep=args.keep)
             with torch.no_grad():
                 for p in self.pruner.score_parameters():  # distinct scores (zeros would all tie)
@@ -185,9 +186,8 @@ class Step:
         # Banks: on the device in the training precision (capkit), on the CPU in fp32 (reference).
         self.banks: Dict[str, MemoryBank] = {}
         if variant != "kd":
-            on_device = variant in ("capkit", "capkit-compiled")
-            bank_device = device if on_device else torch.device("cpu")
-            bank_dtype = torch.bfloat16 if (on_device and self.bf16) else torch.float32
+            bank_device = device if fused else torch.device("cpu")
+            bank_dtype = torch.bfloat16 if (fused and self.bf16) else torch.float32
             for name, snaps in BANKS:
                 bank = MemoryBank(name, bank_labels.to(bank_device))
                 for r in range(snaps):

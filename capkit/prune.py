@@ -98,7 +98,8 @@ _HELP = {
     "num_workers": "data-loader worker processes",
     "compile": "train with torch.compile (the student's forward and backward; masks are computed ahead of each "
                "step, so the graph does not break at the pruned layers); off by default: on the 2-core Xeon CPU "
-               "a compiled CAP-m step measured 0.98x eager (no gain; benchmarks/results/intel-r-xeon-r-processor-2c/train_step_compile_quick.md), not yet measured on a GPU",
+               "a compiled CAP-m step measured 0.98x eager (no gain; "
+               "benchmarks/results/intel-r-xeon-r-processor-2c/train_step_compile_quick.md), not yet measured on a GPU",
 }
 
 

@@ -180,8 +180,8 @@ class MaskedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mask = self.current_mask()
         if torch.compiler.is_compiling():
-            # Traced by torch.compile: one custom-op call (the CSR and pre-folded shortcuts keep
-            # caches keyed on tensor storage, which a graph cannot hold).
+            # Traced by torch.compile: one custom-op call (the pre-folded shortcut keeps a cache
+            # keyed on tensor storage, which a graph cannot hold; csr_applies says no while compiling).
             return masked_linear(x, self.weight, mask, self.bias, backend=self.backend)
         if isinstance(mask, torch.Tensor) and csr_applies(x, self.weight, mask, self.bias, self.backend):
             return csr_linear(x, self.packed_weight(mask), self.bias)

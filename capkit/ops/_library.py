@@ -153,12 +153,12 @@ def _masked_linear_setup(ctx, inputs, output):
     x, weight, mask, bias, row_ptr, col_idx, col_ptr, row_idx, block_size, mask_kind, training, backend = inputs
     ctx.save_for_backward(x, weight, mask, row_ptr, col_idx, col_ptr, row_idx)
     ctx.block_size, ctx.mask_kind, ctx.backend = block_size, mask_kind, backend
-    ctx.has_bias = bias is not None
 
 
 def _masked_linear_backward(ctx, grad_out):
     x, weight, mask, row_ptr, col_idx, col_ptr, row_idx = ctx.saved_tensors
-    need_x, need_w, need_m, need_b = ctx.needs_input_grad[:4]
+    need_x, need_w, need_m, need_b = ctx.needs_input_grad[:4]  # need_b is False without a bias
+    grad_out = grad_out.contiguous()  # once, for dx, dw and the bias
     lists = (row_ptr, col_idx, col_ptr, row_idx, ctx.block_size, ctx.mask_kind, ctx.backend)
     dx = dw = dm = db = None
     if need_x:
@@ -167,7 +167,7 @@ def _masked_linear_backward(ctx, grad_out):
         dw, dm = torch.ops.capkit.masked_linear_dw(grad_out, x, weight, mask, *lists, bool(need_w), bool(need_m))
         dw = dw if need_w else None
         dm = dm if need_m else None
-    if need_b and ctx.has_bias:
+    if need_b:
         acc = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
         db = grad_out.sum(0, dtype=acc).to(grad_out.dtype)
     return dx, dw, dm, db, None, None, None, None, None, None, None, None

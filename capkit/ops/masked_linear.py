@@ -104,9 +104,8 @@ def masked_linear(
         w = apply_mask(weight, effective_mask(weight, dense_mask, layout))
         return torch.nn.functional.linear(x, w, bias)
 
-    if kind == "dense" and not torch.compiler.is_compiling() and csr_applies(x, weight, dense_mask, bias, backend):
+    if kind == "dense" and csr_applies(x, weight, dense_mask, bias, backend):
         # Inference with a fixed 0/1 mask sparse enough for the CSR kernel (measured threshold).
-        # (Not while compiling: the CSR format is built and cached per weight outside any graph.)
         return csr_linear(x, packed_for_mask(weight, dense_mask), bias)
 
     training = torch.is_grad_enabled() and any(

@@ -117,7 +117,10 @@ def csr_max_density(dtype: torch.dtype = torch.float32) -> float:
 
 
 def _eligible(x: torch.Tensor, weight: torch.Tensor, mask, bias, backend: str) -> bool:
-    """Inference (no autograd) on CPU fp32 with a fixed 0/1 mask, on a backend that may use C++."""
+    """Inference (no autograd) on CPU fp32 with a fixed 0/1 mask, on a backend that may use C++;
+    never while torch.compile traces (the format is built and cached per weight, outside any graph)."""
+    if torch.compiler.is_compiling():
+        return False
     if backend not in ("auto", "cpu") or not isinstance(mask, torch.Tensor):
         return False
     if mask.dtype not in (torch.bool, torch.uint8) or mask.requires_grad:
