@@ -69,6 +69,12 @@ def machine_info(device: torch.device) -> Dict:
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     try:
+        from capkit.runtime import allocator_tuning
+
+        info["allocator"] = allocator_tuning() or "C library defaults"
+    except ImportError:
+        pass
+    try:
         import triton
 
         info["triton"] = triton.__version__
@@ -296,3 +302,27 @@ def ort_baseline_or_none(model, folder: Path, failures: Optional[List[Dict]] = N
         if failures is not None:
             failures.append({**context, "error": f"ONNX Runtime baseline: {type(exc).__name__}: {exc}"[:300]})
         return None
+
+
+def add_allocator_argument(parser) -> None:
+    """``--allocator {tuned,default}`` for the CPU inference benchmarks."""
+    parser.add_argument("--allocator", choices=("tuned", "default"), default="tuned",
+                        help="tuned (default): capkit.tune_cpu_allocator() keeps freed memory for reuse, "
+                             "for every model timed in the process (torch dense, the pruned export; ONNX "
+                             "Runtime has its own arena either way); default: the C library's settings")
+
+
+def apply_allocator(choice: str, device: torch.device) -> None:
+    if choice == "tuned" and device.type == "cpu":
+        from capkit.runtime import tune_cpu_allocator
+
+        if not tune_cpu_allocator():
+            print("[benchmark] the C library is not glibc: --allocator tuned changes nothing here", file=sys.stderr)
+
+
+def allocator_text(machine: Dict) -> str:
+    a = machine.get("allocator")
+    if isinstance(a, dict):
+        return (f"allocator: {a['allocator']}, freed memory kept for reuse (trim and mmap thresholds "
+                f"{a['trim_threshold'] >> 20} MiB, capkit.tune_cpu_allocator)")
+    return f"allocator: {a or 'not recorded'}"

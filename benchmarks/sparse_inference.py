@@ -27,7 +27,8 @@ from typing import Dict, List
 
 import torch
 
-from benchmarks.harness import machine_info, markdown_table, onnxruntime_info, ort_baseline_or_none, publish
+from benchmarks.harness import (add_allocator_argument, allocator_text, apply_allocator, machine_info, markdown_table,
+                                onnxruntime_info, ort_baseline_or_none, publish)
 from benchmarks.structured_inference import time_interleaved
 
 KINDS = ("unstructured", "block32", "2:4")
@@ -167,7 +168,7 @@ def summary_markdown(result: Dict) -> str:
              f"{result['model']}; torch {m.get('torch')}, onnxruntime {ort or 'not installed'}, "
              f"commit {m.get('git_commit')}, {m.get('date')}. `speedup`: torch dense / sparse export; "
              f"`speedup_vs_ort`: ONNX Runtime dense / sparse export (medians of interleaved rounds; "
-             f"`_min`: from the fastest calls).", ""]
+             f"`_min`: from the fastest calls); {allocator_text(m)}.", ""]
     if result.get("onnxruntime_note"):
         lines += [f"Note: {result['onnxruntime_note']}", ""]
     cols = ["model", "kind", "sparsity", "batch", "seq", "dense_ms", "ort_ms", "sparse_ms", "speedup",
@@ -187,12 +188,14 @@ def main(argv=None) -> int:
     p.add_argument("--min-time", type=float, default=1.0, help="seconds of measurement per variant and shape")
     p.add_argument("--repeats", type=int, default=3, help="at least this many timed calls per variant and shape")
     p.add_argument("--out", type=Path, default=None)
+    add_allocator_argument(p)
     args = p.parse_args(argv)
     if not all(0.0 <= s < 1.0 for s in args.sparsities):
         p.error(f"--sparsities must lie in [0, 1), got {args.sparsities}")
     from benchmarks.structured_inference import _shape
 
     args.shapes = [_shape(t) if isinstance(t, str) else t for t in args.shapes]
+    apply_allocator(args.allocator, torch.device("cpu"))
     result = run(args)
     publish("sparse_inference", torch.device("cpu"), result, summary_markdown(result), args.quick, args.out)
     return 1 if result["failures"] else 0

@@ -34,7 +34,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from benchmarks.harness import (machine_info, markdown_table, measure_peaks, onnxruntime_info,
+from benchmarks.harness import (add_allocator_argument, allocator_text, apply_allocator, machine_info,
+                                markdown_table, measure_peaks, onnxruntime_info,
                                 ort_baseline_or_none, publish, roofline_fraction)
 from capkit.nn import encoder_layers
 from capkit.pruning.compact import compact_model, structure_of
@@ -249,7 +250,8 @@ def summary_markdown(result: Dict) -> str:
             f"process, same inputs, timed in interleaved rounds; speed-ups from medians and from the fastest "
             f"calls. Peaks measured here: matmul {result['peaks']['matmul_flops'] / 1e9:.0f} GFLOP/s, "
             f"copy {result['peaks']['copy_bytes_per_s'] / 1e9:.1f} GB/s. Load average (1/5/15 min) before "
-            f"{_loads(mi.get('load_average_before'))}, after {_loads(mi.get('load_average_after'))}.\n\n")
+            f"{_loads(mi.get('load_average_before'))}, after {_loads(mi.get('load_average_after'))}; "
+            f"{allocator_text(mi)}.\n\n")
     text += (f"ONNX Runtime {result.get('onnxruntime') or 'not installed'} runs the dense model beside torch "
              f"(`speedup_vs_ort`: ONNX Runtime dense / compacted in torch).\n\n")
     if result.get("onnxruntime_note"):
@@ -290,6 +292,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="at least this many timed calls per case (default 3; 2 quick)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/<device>)")
+    add_allocator_argument(p)
     args = p.parse_args(argv)
     for f in args.fractions:
         if not 0.0 < f < 1.0:
@@ -300,6 +303,7 @@ def main(argv=None) -> int:
     if args.repeats < 1 or args.min_time <= 0:
         p.error("--repeats must be >= 1 and --min-time > 0")
 
+    apply_allocator(args.allocator, torch.device(args.device))
     result = run(args)
     publish("structured_inference", torch.device(args.device), result, summary_markdown(result), args.quick, args.out)
     return 0 if not result["failures"] else 1

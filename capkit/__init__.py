@@ -2,7 +2,7 @@
 the pruned models really smaller and faster."""
 from capkit._version import __version__
 
-__all__ = ["__version__", "ops", "nn", "pruning", "export", "load", "sparsity_report"]
+__all__ = ["__version__", "ops", "nn", "pruning", "export", "load", "sparsity_report", "tune_cpu_allocator"]
 
 
 def __getattr__(name):
@@ -13,6 +13,8 @@ def __getattr__(name):
         return importlib.import_module(f"capkit.{name}")
     if name == "load":
         return importlib.import_module("capkit.export").load
+    if name == "tune_cpu_allocator":
+        return importlib.import_module("capkit.runtime").tune_cpu_allocator
     if name == "sparsity_report":
         return importlib.import_module("capkit.pruning.report").sparsity_report
     raise AttributeError(f"module 'capkit' has no attribute {name!r}")

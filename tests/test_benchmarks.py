@@ -70,9 +70,13 @@ def test_info_nce_benchmark_runs(tmp_path):
 def test_sparse_inference_benchmark_runs(tmp_path):
     from benchmarks import sparse_inference as bench_si
 
-    rc = bench_si.main(["--quick", "--sparsities", "0.9", "--min-time", "0.01", "--out", str(tmp_path)])
+    # --allocator default: the tuned allocator would change this test process for the tests after it
+    rc = bench_si.main(["--quick", "--sparsities", "0.9", "--min-time", "0.01", "--out", str(tmp_path),
+                        "--allocator", "default"])
     assert rc == 0
     result = json.loads((tmp_path / "sparse_inference_quick.json").read_text())
+    assert result["machine"]["allocator"] == "C library defaults"
+    assert "allocator: C library defaults" in (tmp_path / "sparse_inference_quick.md").read_text()
     kinds = {r["kind"] for r in result["rows"]}
     assert kinds == {"unstructured", "block32", "2:4"} and not result["failures"]
     for r in result["rows"]:
