@@ -297,3 +297,17 @@ def test_radix_on_bert_base_shapes():
         flat = torch.cat([t.flatten() for t in tensors])
         assert global_topk_threshold(tensors, keep, method="radix").item() == \
             reference(flat, kept_count(flat.numel(), keep)).item()
+
+
+def test_cpu_kthvalue_helper_threads_end_with_the_call():
+    # A lasting helper thread that ran a torch op keeps its own OpenMP team, which slows every
+    # later parallel op of the process; the selection threads must be gone once it returns.
+    import threading
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("the threaded selection runs with two or more intra-op threads")
+    tensors = [torch.randn(5000), torch.randn(3000), torch.randn(4000)]
+    got = topk_thresholds(tensors, 0.1, method="kthvalue")
+    want = torch.stack([t.kthvalue(t.numel() - kept_count(t.numel(), 0.1) + 1).values for t in tensors])
+    torch.testing.assert_close(got, want)
+    assert not [t for t in threading.enumerate() if t.name.startswith("capkit-topk")]

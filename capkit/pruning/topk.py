@@ -159,24 +159,18 @@ def _thresholds_for_counts(tensors: Sequence[torch.Tensor], ks: Sequence[int], *
     _check_no_nan(flats, names)
     if method == "kthvalue" and len(flats) > 1 and flats[0].device.type == "cpu" and torch.get_num_threads() > 1:
         # torch.kthvalue runs on one core; the selections are independent, so spread them over
-        # the intra-op threads (the GIL is released inside the op).
-        values = list(_cpu_pool().map(lambda fk: _select(fk[0], fk[1], method), zip(flats, ks)))
+        # the intra-op threads (the GIL is released inside the op). The threads end with the call:
+        # a torch op on a lasting helper thread keeps an OpenMP team of its own alive, and with
+        # more OpenMP threads than cores libgomp stops spinning at its barriers, which doubled the
+        # cost of every later small parallel op of the process (a 128-token sparse linear: 80 ->
+        # 150 us, measured on the 2-core Xeon).
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=torch.get_num_threads(), thread_name_prefix="capkit-topk") as pool:
+            values = list(pool.map(lambda fk: _select(fk[0], fk[1], method), zip(flats, ks)))
     else:
         values = [_select(f, k, method) for f, k in zip(flats, ks)]
     return _positive_zero(torch.stack(values))
-
-
-_POOL = None
-
-
-def _cpu_pool():
-    global _POOL
-    workers = torch.get_num_threads()
-    if _POOL is None or _POOL._max_workers != workers:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="capkit-topk")
-    return _POOL
 
 
 def topk_thresholds(tensors: Sequence[torch.Tensor], keep: Union[float, Sequence[float]], *,
