@@ -5,8 +5,10 @@ with :func:`capkit.pruning.prune_step` and physically removed with
 :func:`capkit.pruning.compact_model`; the dense model it came from is the baseline, timed in the
 same process on the same inputs, in interleaved rounds, and beside it ONNX Runtime running the dense
 model (exported through ``torch.onnx``; CPU execution provider, intra-op threads = torch's, one
-inter-op thread, every graph optimisation), the runtime a user would otherwise deploy with
-(optional: ``pip install capkit[bench]``; without it the benchmark says so and leaves it out). Importance is random (seeded, one score per unit): the latency
+inter-op thread, every graph optimisation), the runtime a user would otherwise deploy with, timed
+after the torch models in a block of its own (its threads spin after each run and would slow the
+next torch call) (optional: ``pip install capkit[bench]``; without it the benchmark says so and
+leaves it out). Importance is random (seeded, one score per unit): the latency
 of a compacted model depends only on how many heads and neurons each layer keeps, and random
 scores spread them over the layers the way a global ranking of similar scores does.
 
@@ -101,14 +103,21 @@ def forward_bytes(model: nn.Module, batch: int, seq: int) -> float:
 
 
 def time_interleaved(fns: Sequence[Callable[[], None]], device: torch.device, min_time: float,
-                     repeats: int) -> List[Dict[str, float]]:
+                     repeats: int, alone: Sequence[Callable[[], None]] = ()) -> List[Dict[str, float]]:
     """Latency of each of ``fns``, measured in interleaved rounds so that they all see the same
     machine (other processes on a shared CPU slow every variant alike, not just one).
 
     One warm-up call each, then rounds in which every callable runs about as long as the slowest
     one takes for one call, until each has at least ``repeats`` calls and ``min_time`` seconds.
     A BERT-base forward at 32 x 128 takes seconds on a small CPU, so the number of calls is set
-    here, not by ``torch.utils.benchmark``'s block-size estimation (which spends extra calls)."""
+    here, not by ``torch.utils.benchmark``'s block-size estimation (which spends extra calls).
+
+    ``alone``: callables timed after the rounds, each in a block of its own (stats follow those of
+    ``fns``). ONNX Runtime goes there: its intra-op threads spin for a while after every run (its
+    default, which buys it latency) and take the cores from whatever runs next; measured on the
+    2-core Xeon, a MiniLM 1 x 128 torch forward right after an ONNX Runtime call took 45 ms
+    instead of 16 ms. Timed alone, ONNX Runtime keeps its spinning and its best latency, and the
+    torch variants are not slowed by it."""
     def once(fn) -> float:
         start = time.perf_counter()
         fn()
@@ -127,6 +136,8 @@ def time_interleaved(fns: Sequence[Callable[[], None]], device: torch.device, mi
         t.sort()
         stats.append({"median_s": statistics.median(t), "iqr_s": t[(3 * len(t)) // 4] - t[len(t) // 4],
                       "min_s": t[0], "n": len(t)})
+    for fn in alone:
+        stats += time_interleaved([fn], device, min_time, repeats)
     return stats
 
 
@@ -171,9 +182,8 @@ def benchmark_model(name: str, dense: nn.Module, shapes: Sequence[Tuple[int, int
     for batch, seq in shapes:
         inputs = make_inputs(dense, batch, seq, device)
         fns = [inference_call(model, inputs) for _, model, _ in variants]
-        if ort is not None:
-            fns.append(ort.call(inputs))
-        stats = time_interleaved(fns, device, min_time, repeats)
+        # ONNX Runtime in a block of its own: its spinning threads would slow the next torch call
+        stats = time_interleaved(fns, device, min_time, repeats, alone=[ort.call(inputs)] if ort is not None else [])
         if ort is not None:
             t_ort = stats.pop()
             rows.append({"model": name, "batch": batch, "seq": seq, "fraction": 0.0, "variant": "onnxruntime dense",
@@ -247,7 +257,7 @@ def summary_markdown(result: Dict) -> str:
             f"torch {mi['torch']}, capkit {mi.get('capkit')}, commit {mi.get('git_commit')}, {mi['date']}, "
             f"{mi['torch_threads']} threads, dtype {result['dtype']}, eval + inference_mode. Heads and FFN neurons "
             f"removed at the same fraction, importance {result['importance']}; baseline: the dense model, same "
-            f"process, same inputs, timed in interleaved rounds; speed-ups from medians and from the fastest "
+            f"process, same inputs, timed in interleaved rounds (ONNX Runtime in a block of its own after them); speed-ups from medians and from the fastest "
             f"calls. Peaks measured here: matmul {result['peaks']['matmul_flops'] / 1e9:.0f} GFLOP/s, "
             f"copy {result['peaks']['copy_bytes_per_s'] / 1e9:.1f} GB/s. Load average (1/5/15 min) before "
             f"{_loads(mi.get('load_average_before'))}, after {_loads(mi.get('load_average_after'))}; "

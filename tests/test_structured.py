@@ -474,3 +474,14 @@ def test_inference_benchmark_on_a_tiny_model():
               "dtype": "float32", "importance": "random", "peaks": {"matmul_flops": 1e9, "copy_bytes_per_s": 1e9},
               "rows": rows + ort_rows, "structures": {"tiny": structures}, "failures": []}
     assert bench.summary_markdown(result).startswith("# structured_inference on cpu")
+
+
+def test_time_interleaved_times_alone_callables_after_the_rounds():
+    from benchmarks.structured_inference import time_interleaved
+
+    log = []
+    stats = time_interleaved([lambda: log.append("a"), lambda: log.append("b")], torch.device("cpu"), 0.0, 3,
+                             alone=[lambda: log.append("ort")])
+    assert len(stats) == 3 and all(s["n"] >= 3 for s in stats)
+    first_alone = log.index("ort")
+    assert set(log[:first_alone]) == {"a", "b"} and set(log[first_alone:]) == {"ort"}
