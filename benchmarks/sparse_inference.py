@@ -10,8 +10,8 @@ from: torch dense (eager, ``inference_mode``) and ONNX Runtime dense (the model 
 thread, every graph optimisation). The two torch models run on the same inputs in interleaved
 rounds, so they see the same machine; ONNX Runtime is timed after them in a block of its own,
 with its threads spinning between runs as it does by default (its best latency; interleaved, the
-spinning threads would slow the torch call after each of its runs). ONNX Runtime is optional (``pip install capkit[bench]``): without it
-the benchmark says so and reports the torch baseline alone. The file sizes of the exports are
+spinning threads would slow the torch call after each of its runs). ONNX Runtime is optional
+(``pip install capkit[bench]``): without it the benchmark says so and reports the torch baseline alone. The file sizes of the exports are
 reported too.
 
 Usage:
