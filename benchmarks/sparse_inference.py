@@ -11,8 +11,8 @@ thread, every graph optimisation). The two torch models run on the same inputs i
 rounds, so they see the same machine; ONNX Runtime is timed after them in a block of its own,
 with its threads spinning between runs as it does by default (its best latency; interleaved, the
 spinning threads would slow the torch call after each of its runs). ONNX Runtime is optional
-(``pip install capkit[bench]``): without it the benchmark says so and reports the torch baseline alone. The file sizes of the exports are
-reported too.
+(``pip install capkit[bench]``): without it the benchmark says so and reports the torch baseline
+alone. The file sizes of the exports are reported too.
 
 Usage:
   python -m benchmarks.sparse_inference                        # MiniLM and BERT-base, 1x128 and 32x128
