@@ -69,12 +69,6 @@ def machine_info(device: torch.device) -> Dict:
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     try:
-        from capkit.runtime import allocator_tuning
-
-        info["allocator"] = allocator_tuning() or "C library defaults"
-    except ImportError:
-        pass
-    try:
         import triton
 
         info["triton"] = triton.__version__
@@ -83,9 +77,11 @@ def machine_info(device: torch.device) -> Dict:
     try:
         from capkit import __version__
         from capkit._ext import build_info
+        from capkit.runtime import allocator_tuning
 
         info["capkit"] = __version__
         info["capkit_build"] = build_info()
+        info["allocator"] = allocator_tuning() or "C library defaults"
     except ImportError:
         pass
     if device.type == "cuda":

@@ -5,10 +5,10 @@ with :func:`capkit.pruning.prune_step` and physically removed with
 :func:`capkit.pruning.compact_model`; the dense model it came from is the baseline, timed in the
 same process on the same inputs, in interleaved rounds, and beside it ONNX Runtime running the dense
 model (exported through ``torch.onnx``; CPU execution provider, intra-op threads = torch's, one
-inter-op thread, every graph optimisation), the runtime a user would otherwise deploy with, timed
-after the torch models in a block of its own (its threads spin after each run and would slow the
-next torch call) (optional: ``pip install capkit[bench]``; without it the benchmark says so and
-leaves it out). Importance is random (seeded, one score per unit): the latency
+inter-op thread, every graph optimisation), the runtime a user would otherwise deploy with; it is
+timed after the torch models in a block of its own, since its threads spin after each run and
+would slow the next torch call. ONNX Runtime is optional (``pip install capkit[bench]``; without
+it the benchmark says so and leaves it out). Importance is random (seeded, one score per unit): the latency
 of a compacted model depends only on how many heads and neurons each layer keeps, and random
 scores spread them over the layers the way a global ranking of similar scores does.
 
@@ -257,8 +257,9 @@ def summary_markdown(result: Dict) -> str:
             f"torch {mi['torch']}, capkit {mi.get('capkit')}, commit {mi.get('git_commit')}, {mi['date']}, "
             f"{mi['torch_threads']} threads, dtype {result['dtype']}, eval + inference_mode. Heads and FFN neurons "
             f"removed at the same fraction, importance {result['importance']}; baseline: the dense model, same "
-            f"process, same inputs, timed in interleaved rounds (ONNX Runtime in a block of its own after them); speed-ups from medians and from the fastest "
-            f"calls. Peaks measured here: matmul {result['peaks']['matmul_flops'] / 1e9:.0f} GFLOP/s, "
+            f"process, same inputs, timed in interleaved rounds (ONNX Runtime in a block of its own after them); "
+            f"speed-ups from medians and from the fastest calls. Peaks measured here: "
+            f"matmul {result['peaks']['matmul_flops'] / 1e9:.0f} GFLOP/s, "
             f"copy {result['peaks']['copy_bytes_per_s'] / 1e9:.1f} GB/s. Load average (1/5/15 min) before "
             f"{_loads(mi.get('load_average_before'))}, after {_loads(mi.get('load_average_after'))}; "
             f"{allocator_text(mi)}.\n\n")

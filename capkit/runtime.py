@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 from typing import Optional
 
@@ -29,6 +30,7 @@ _M_MMAP_THRESHOLD = -3
 _applied: Optional[dict] = None
 
 
+@functools.lru_cache(maxsize=None)
 def _libc():
     if not sys.platform.startswith("linux"):
         return None
