@@ -72,6 +72,25 @@ def test_empty_full_rows_all_zero_and_nan_in_pruned_entries():
     torch.testing.assert_close(call_kernel(x, packed, None), torch.zeros(m_, n), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("threads", [1, 3, 5])
+def test_tile_widths_and_schedules_over_thread_counts(threads):
+    """The kernel picks 64-, 32- or 16-token tiles and a tile-per-thread or a shared-buffer schedule
+    from the token and thread counts: every combination these sizes reach must agree with the
+    reference (torch.set_num_threads sets the OpenMP team the kernel sees)."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        w, mask = torch.randn(70, 96), torch.rand(70, 96) < 0.2
+        b = torch.randn(70)
+        packed = pack_csr(w, mask)
+        for m_ in (1, 5, 16, 17, 33, 48, 80, 96, 130, 200, 320):
+            x = torch.randn(m_, 96)
+            torch.testing.assert_close(call_kernel(x, packed, b).double(), reference(x, w, mask, b),
+                                       atol=tol(96), rtol=0)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_every_output_is_written_and_leading_dims_kept():
     x = torch.randn(3, 43, 50)
     w, mask = torch.randn(29, 50), torch.rand(29, 50) < 0.15
