@@ -186,3 +186,35 @@ def test_packed_for_mask_cache_follows_weight_identity():
     assert packed_for_mask(w1, mask) is p1
     w2 = w1.clone()
     assert packed_for_mask(w2, mask) is not p1
+
+
+def test_compiled_sparse_inference_keeps_the_csr_kernel(csr_threshold):
+    """A torch.compile graph of a pruned model runs the CSR kernel (through the capkit::masked_linear
+    op, asked with the real tensors when the graph runs), packs each weight once, and matches eager."""
+    import torch._dynamo
+    import torch._dynamo.testing
+    from capkit.nn import MaskedLinear, patch_model
+    from _models import tiny_bert, token_batch
+
+    torch._dynamo.reset()
+    model = tiny_bert().eval()
+    patch_model(model)
+    gen = torch.Generator().manual_seed(3)
+    layers = [m for m in model.modules() if isinstance(m, MaskedLinear)]
+    for m in layers:
+        m.set_mask(torch.rand(m.out_features, m.in_features, generator=gen) < 0.1)
+    batch = token_batch(model.config)
+    with torch.no_grad():
+        eager = model(**batch).logits
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    from capkit.ops import _library
+    with mock.patch.object(_library, "csr_linear", wraps=_library.csr_linear) as kernel, \
+            mock.patch.object(sparse_format, "pack_csr", wraps=sparse_format.pack_csr) as packs, \
+            torch.no_grad():
+        out = [compiled(**batch).logits for _ in range(3)]
+    assert counter.frame_count == 1
+    assert kernel.call_count == 3 * len(layers)
+    assert packs.call_count <= len(layers)  # cached across the graph's runs, not packed per call
+    for o in out:
+        torch.testing.assert_close(o, eager, rtol=1e-5, atol=1e-5)

@@ -181,7 +181,8 @@ class MaskedLinear(nn.Module):
         mask = self.current_mask()
         if torch.compiler.is_compiling():
             # Traced by torch.compile: one custom-op call (the pre-folded shortcut keeps a cache
-            # keyed on tensor storage, which a graph cannot hold; csr_applies says no while compiling).
+            # keyed on tensor storage, which a graph cannot hold). The op itself sends sparse
+            # enough inference to the CSR kernel when the graph runs.
             return masked_linear(x, self.weight, mask, self.bias, backend=self.backend)
         if isinstance(mask, torch.Tensor) and csr_applies(x, self.weight, mask, self.bias, self.backend):
             return csr_linear(x, self.packed_weight(mask), self.bias)

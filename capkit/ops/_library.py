@@ -30,6 +30,7 @@ import torch
 
 from capkit.ops._backends import choose_backend, get_backend
 from capkit.ops.masks import BlockLayout
+from capkit.ops.sparse_format import csr_applies, csr_linear, packed_for_mask
 
 __all__ = ["CUSTOM_OPS", "layout_tensors"]
 
@@ -100,6 +101,12 @@ def _masked_linear_op(x: torch.Tensor, weight: torch.Tensor, mask: Optional[torc
                       col_idx: Optional[torch.Tensor], col_ptr: Optional[torch.Tensor],
                       row_idx: Optional[torch.Tensor], block_size: int, mask_kind: str, training: bool,
                       backend: str) -> torch.Tensor:
+    if (not training and row_ptr is None and mask_kind == "dense" and mask is not None
+            and csr_applies(x, weight, mask, bias, backend)):
+        # Inference with a fixed 0/1 mask sparse enough for the CSR kernel: the same choice as an
+        # eager masked_linear call makes, taken here too so that a torch.compile graph (which calls
+        # this op with the real tensors) keeps the sparse kernel. The CSR is cached on the mask.
+        return csr_linear(x, packed_for_mask(weight, mask), bias)
     layout = _layout(weight.shape, row_ptr, col_idx, col_ptr, row_idx, block_size)
     impl = _resolve(backend, x, weight, mask, layout, mask_kind, training)
     return impl.forward(x, weight, _kernel_mask(mask, weight), bias, layout)

@@ -2,10 +2,12 @@
 
 A weight ``W [out, in]`` with a fixed 0/1 mask is stored once as CSR by output row within panels
 of ``PANEL`` input features (:class:`CSRWeight`: int32 pointers and column indices, the kept
-values; for wide inputs, so that a panel of the transposed input stays cached while every row reads it); the C++ kernel
-``capkit._C`` ``csr_linear_forward`` then computes ``x @ (W * M)^T + bias`` reading only the kept
-weights, so a pruned entry (NaN included) is never read. The format is built once per weight and
-mask (at load, or at the first call after either changed) and cached, never per call.
+values; panels for wide inputs, so that a panel of the transposed input stays cached while every
+row reads it); the C++ kernel ``capkit._C`` ``csr_linear_forward`` then computes
+``x @ (W * M)^T + bias`` reading only the kept weights, so a pruned entry (NaN included) is never
+read. The format is built once per weight and mask (at load, or at the first call after either
+changed) and cached, never per call. Eager calls and ``torch.compile`` graphs both reach it: the
+``capkit::masked_linear`` custom op makes the same choice when a compiled graph runs it.
 
 Which densities go to this kernel is measured, not guessed: ``dispatch_table.json`` holds a rule
 ``{"mask_kind": "unstructured", "mode": "inference", "backend": "cpu", "max_density": ...}``
@@ -118,7 +120,9 @@ def csr_max_density(dtype: torch.dtype = torch.float32) -> float:
 
 def _eligible(x: torch.Tensor, weight: torch.Tensor, mask, bias, backend: str) -> bool:
     """Inference (no autograd) on CPU fp32 with a fixed 0/1 mask, on a backend that may use C++;
-    never while torch.compile traces (the format is built and cached per weight, outside any graph)."""
+    never while torch.compile traces (the format is built and cached per weight, outside any graph:
+    a compiled graph reaches the kernel through the ``capkit::masked_linear`` op, which asks again
+    with the real tensors when it runs)."""
     if torch.compiler.is_compiling():
         return False
     if backend not in ("auto", "cpu") or not isinstance(mask, torch.Tensor):
