@@ -18,6 +18,8 @@ Usage:
   python -m benchmarks.sparse_inference                        # MiniLM and BERT-base, 1x128 and 32x128
   python -m benchmarks.sparse_inference --models minilm        # one model
   python -m benchmarks.sparse_inference --quick                # a small BERT, 1x32 and 4x32
+  python -m benchmarks.sparse_inference --compile              # both torch models via torch.compile
+                                                               # (sparse_inference_compiled.json)
 """
 from __future__ import annotations
 
@@ -114,6 +116,7 @@ def run(args) -> Dict:
             save(_model(name), dense_dir, format="dense")
             dense_bytes = sum(f.stat().st_size for f in dense_dir.glob("*.safetensors"))
             baseline = ort_baseline_or_none(dense, Path(tmp) / name / "onnx", failures, name=name)
+            dense_run = torch.compile(dense) if args.compile else dense
             for kind, sparsity in plans:
                 try:
                     model = _prune(_model(name), kind, sparsity)
@@ -122,8 +125,13 @@ def run(args) -> Dict:
                     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
                     loaded = capkit.load(out)
                     report = capkit.sparsity_report(loaded)
+                    loaded_run = torch.compile(loaded) if args.compile else loaded
                     for shape, inp in inputs.items():
-                        fns = [_torch_call(dense, inp), _torch_call(loaded, inp)]
+                        fns = [_torch_call(dense_run, inp), _torch_call(loaded_run, inp)]
+                        if args.compile:  # compile (and any recompile for this shape) before timing
+                            for fn in fns:
+                                fn()
+                                fn()
                         # ONNX Runtime in a block of its own (its spinning threads slow the next call)
                         alone = [baseline.call(inp)] if baseline is not None else []
                         stats = time_interleaved(fns, device, args.min_time, args.repeats, alone=alone)
@@ -153,7 +161,9 @@ def run(args) -> Dict:
         "benchmark": "sparse_inference", "machine": info, "quick": args.quick,
         "model": "BertForSequenceClassification, random weights of the "
                  + ("small shape" if args.quick else " / ".join(f"{m} shape" for m in models)),
-        "baselines": {"torch": "dense model, eager, inference_mode",
+        "compiled": bool(args.compile),
+        "baselines": {"torch": "dense model, " + ("torch.compile (inductor)" if args.compile else "eager")
+                               + ", inference_mode",
                       "onnxruntime": None if ort["onnxruntime"] is None else
                       "dense model via torch.onnx.export (opset 17), CPUExecutionProvider, intra-op threads = "
                       "torch threads, inter-op 1, ORT_ENABLE_ALL"},
@@ -169,7 +179,8 @@ def summary_markdown(result: Dict) -> str:
              f"{result['dtype']}, {result['threads']} threads)", "",
              f"{result['model']}; torch {m.get('torch')}, onnxruntime {ort or 'not installed'}, "
              f"commit {m.get('git_commit')}, {m.get('date')}. `speedup`: torch dense / sparse export; "
-             f"`speedup_vs_ort`: ONNX Runtime dense / sparse export (medians; torch models in interleaved rounds, "
+             + ("both torch models compiled with `torch.compile` (inductor, default mode). " if result.get("compiled") else "")
+             + f"`speedup_vs_ort`: ONNX Runtime dense / sparse export (medians; torch models in interleaved rounds, "
              f"ONNX Runtime in a block of its own; "
              f"`_min`: from the fastest calls); {allocator_text(m)}.", ""]
     if result.get("onnxruntime_note"):
@@ -191,6 +202,8 @@ def main(argv=None) -> int:
     p.add_argument("--min-time", type=float, default=1.0, help="seconds of measurement per variant and shape")
     p.add_argument("--repeats", type=int, default=3, help="at least this many timed calls per variant and shape")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--compile", action="store_true",
+                   help="time torch dense and the sparse export both through torch.compile (inductor)")
     add_allocator_argument(p)
     args = p.parse_args(argv)
     if not all(0.0 <= s < 1.0 for s in args.sparsities):
@@ -200,7 +213,8 @@ def main(argv=None) -> int:
     args.shapes = [_shape(t) if isinstance(t, str) else t for t in args.shapes]
     apply_allocator(args.allocator, torch.device("cpu"))
     result = run(args)
-    publish("sparse_inference", torch.device("cpu"), result, summary_markdown(result), args.quick, args.out)
+    name = "sparse_inference_compiled" if args.compile else "sparse_inference"
+    publish(name, torch.device("cpu"), result, summary_markdown(result), args.quick, args.out)
     return 1 if result["failures"] else 0
 
 

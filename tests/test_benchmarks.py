@@ -75,7 +75,7 @@ def test_sparse_inference_benchmark_runs(tmp_path):
                         "--allocator", "default"])
     assert rc == 0
     result = json.loads((tmp_path / "sparse_inference_quick.json").read_text())
-    assert result["machine"]["allocator"] == "C library defaults"
+    assert result["machine"]["allocator"] == "C library defaults" and result["compiled"] is False
     assert "allocator: C library defaults" in (tmp_path / "sparse_inference_quick.md").read_text()
     kinds = {r["kind"] for r in result["rows"]}
     assert kinds == {"unstructured", "block32", "2:4"} and not result["failures"]
@@ -91,6 +91,31 @@ def test_sparse_inference_benchmark_runs(tmp_path):
     assert (tmp_path / "sparse_inference_quick.md").read_text().startswith("# sparse exports")
     with pytest.raises(SystemExit):
         bench_si.main(["--sparsities", "1.0"])
+
+
+def test_sparse_inference_compile_option_compiles_both_torch_models(tmp_path):
+    """--compile: torch dense and every sparse export go through torch.compile (here a counting
+    stand-in, so the test stays fast) and the result is filed under its own name and says so."""
+    from unittest import mock
+
+    from benchmarks import sparse_inference as bench_si
+
+    compiled = []
+
+    def fake_compile(model, *a, **k):
+        compiled.append(type(model).__name__)
+        return model
+
+    with mock.patch.object(bench_si.torch, "compile", fake_compile):
+        rc = bench_si.main(["--quick", "--sparsities", "0.9", "--min-time", "0.01", "--out", str(tmp_path),
+                            "--allocator", "default", "--compile"])
+    assert rc == 0
+    # one dense model, one export per kind (unstructured, block32, 2:4)
+    assert len(compiled) == 4
+    result = json.loads((tmp_path / "sparse_inference_compiled_quick.json").read_text())
+    assert result["compiled"] is True and "torch.compile" in result["baselines"]["torch"]
+    assert "compiled with `torch.compile`" in (tmp_path / "sparse_inference_compiled_quick.md").read_text()
+    assert not (tmp_path / "sparse_inference_quick.json").exists()
 
 
 def test_mask_threshold_benchmark_runs(tmp_path):
