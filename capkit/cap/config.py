@@ -129,7 +129,7 @@ class CAPConfig:
     seed: int = 42
     device: str = "auto"
     bf16: Optional[bool] = None           # autocast in bf16 (default: on for CUDA)
-    save_every: int = 500                 # optimiser steps between checkpoints (0: only at the end)
+    save_every: int = 500                 # optimiser steps between checkpoints (0: only at epoch ends)
     resume: bool = False
     max_train_examples: Optional[int] = None
     max_eval_examples: Optional[int] = None
