@@ -218,3 +218,40 @@ def test_compiled_sparse_inference_keeps_the_csr_kernel(csr_threshold):
     assert packs.call_count <= len(layers)  # cached across the graph's runs, not packed per call
     for o in out:
         torch.testing.assert_close(o, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("element", [False, True])
+def test_sparse_block_masks_in_inference_run_the_csr_kernel(csr_threshold, element):
+    """A fixed block mask (pure, or with a 0/1 element mask inside its live blocks) at a block
+    density within the threshold runs the CSR kernel in inference, packed once per weight and
+    layout; training and denser block masks keep the block kernels."""
+    import importlib
+
+    from capkit.ops import BlockMask
+
+    ml_module = importlib.import_module("capkit.ops.masked_linear")
+
+    gen = torch.Generator().manual_seed(11)
+    w, b = torch.randn(70, 96, generator=gen), torch.randn(70, generator=gen)
+    blocks = torch.rand(5, 6, generator=gen) < 0.25
+    dense = blocks.repeat_interleave(16, 0).repeat_interleave(16, 1)[:70, :96]
+    if element:
+        dense = dense & (torch.rand(70, 96, generator=gen) < 0.7)
+    bm = BlockMask.from_dense(dense, 16, keep_element_mask=element)
+    assert (bm.mask is not None) == element and 0 < bm.layout.block_density <= 0.3
+    w[~dense] = float("nan")  # never read by either path
+    x = torch.randn(2, 33, 96, generator=gen)
+    with mock.patch.object(ml_module, "csr_linear", wraps=ml_module.csr_linear) as kernel, \
+            mock.patch.object(sparse_format, "pack_csr", wraps=sparse_format.pack_csr) as packs, torch.no_grad():
+        ys = [masked_linear(x, w, bm, b) for _ in range(3)]
+    assert kernel.call_count == 3 and packs.call_count == 1
+    ref = reference(x.reshape(-1, 96), torch.nan_to_num(w), dense, b).view(2, 33, 70)
+    for y in ys:
+        torch.testing.assert_close(y.double(), ref, atol=tol(96), rtol=0)
+    with mock.patch.object(ml_module, "csr_linear", wraps=ml_module.csr_linear) as kernel:
+        wg = torch.nan_to_num(w).requires_grad_()
+        masked_linear(x, wg, bm, b).sum().backward()  # training: the block kernels, gradients flow
+        with torch.no_grad():
+            denser = BlockMask.from_dense(torch.ones(70, 96, dtype=torch.bool), 16)
+            masked_linear(x, w.nan_to_num(), denser, b)
+    assert kernel.call_count == 0 and wg.grad is not None

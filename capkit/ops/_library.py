@@ -30,7 +30,8 @@ import torch
 
 from capkit.ops._backends import choose_backend, get_backend
 from capkit.ops.masks import BlockLayout
-from capkit.ops.sparse_format import csr_applies, csr_linear, packed_for_mask
+from capkit.ops.sparse_format import (block_csr_applies, csr_applies, csr_linear, packed_for_block_mask,
+                                      packed_for_mask)
 
 __all__ = ["CUSTOM_OPS", "layout_tensors"]
 
@@ -108,6 +109,9 @@ def _masked_linear_op(x: torch.Tensor, weight: torch.Tensor, mask: Optional[torc
         # this op with the real tensors) keeps the sparse kernel. The CSR is cached on the mask.
         return csr_linear(x, packed_for_mask(weight, mask), bias)
     layout = _layout(weight.shape, row_ptr, col_idx, col_ptr, row_idx, block_size)
+    if (not training and mask_kind == "block" and layout is not None
+            and block_csr_applies(x, weight, layout, mask, bias, backend)):
+        return csr_linear(x, packed_for_block_mask(weight, layout, mask), bias)
     impl = _resolve(backend, x, weight, mask, layout, mask_kind, training)
     return impl.forward(x, weight, _kernel_mask(mask, weight), bias, layout)
 

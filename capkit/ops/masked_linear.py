@@ -14,7 +14,8 @@ import torch
 from capkit.ops import _library
 from capkit.ops._backends import BACKENDS, apply_mask, effective_mask
 from capkit.ops.masks import BlockMask, NMMask, check_dense_mask
-from capkit.ops.sparse_format import csr_applies, csr_linear, packed_for_mask
+from capkit.ops.sparse_format import (block_csr_applies, csr_applies, csr_linear, packed_for_block_mask,
+                                      packed_for_mask)
 
 MaskLike = Union[torch.Tensor, BlockMask, NMMask, None]
 
@@ -107,6 +108,9 @@ def masked_linear(
     if kind == "dense" and csr_applies(x, weight, dense_mask, bias, backend):
         # Inference with a fixed 0/1 mask sparse enough for the CSR kernel (measured threshold).
         return csr_linear(x, packed_for_mask(weight, dense_mask), bias)
+    if kind == "block" and block_csr_applies(x, weight, layout, dense_mask, bias, backend):
+        # A fixed block mask as sparse: the CSR kernel was faster than the block kernel there.
+        return csr_linear(x, packed_for_block_mask(weight, layout, dense_mask), bias)
 
     training = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, dense_mask, bias)
