@@ -229,6 +229,20 @@ def _with_eval(row: Dict, scores: Optional[Dict]) -> Dict:
     return row
 
 
+def _same_settings(recorded: List[str], made_with: List[str]) -> bool:
+    """Whether two capkit-prune argument lists give the same settings (the same flags in another
+    order do)."""
+    if recorded == made_with:
+        return True
+    from capkit.prune import config_from_args
+
+    try:
+        out = ["--output-dir", "same"]
+        return config_from_args(list(recorded) + out) == config_from_args(list(made_with) + out)
+    except (SystemExit, ValueError, TypeError):
+        return False
+
+
 def _recorded(run_dir: Path) -> Dict:
     """The report a finished capkit-prune run wrote ({} when there is none)."""
     path = run_dir / "report.json"
@@ -288,7 +302,7 @@ def run_task(task: str, seed: int, methods: List[str], settings: List[str], root
             argv += ["--eval-file", str(eval_file)]
         try:
             recorded = json.loads((out / RUN_ARGS).read_text()) if (out / RUN_ARGS).exists() else None
-            if recorded is not None and recorded != made_with:
+            if recorded is not None and not _same_settings(recorded, made_with):
                 raise ValueError(f"{out} holds a run made with other settings ({' '.join(recorded)}); "
                                  f"remove it or pick another --out")
             if recorded is not None and (out / "report.json").exists():

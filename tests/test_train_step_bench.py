@@ -115,6 +115,17 @@ def test_accuracy_runs_are_tabulated_and_resume(tmp_path):
     assert len(clash) == 2 and all("other settings" in f["error"] for f in clash)
 
 
+def test_accuracy_run_settings_compare_regardless_of_flag_order():
+    from benchmarks.accuracy import _same_settings
+
+    a = ["--model", "minilm", "--epochs", "3", "--max-train-examples", "300", "--no-progress"]
+    b = ["--model", "minilm", "--max-train-examples", "300", "--no-progress", "--epochs", "3"]
+    assert _same_settings(a, b)
+    assert not _same_settings(a, ["--model", "minilm", "--epochs", "4", "--max-train-examples", "300",
+                                  "--no-progress"])
+    assert not _same_settings(a, ["--no-such-flag"])
+
+
 def test_accuracy_reports_a_failing_run(tmp_path):
     from benchmarks import accuracy
 
