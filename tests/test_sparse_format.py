@@ -188,12 +188,15 @@ def test_packed_for_mask_cache_follows_weight_identity():
     assert packed_for_mask(w2, mask) is not p1
 
 
-def test_compiled_sparse_inference_keeps_the_csr_kernel(csr_threshold):
+@pytest.mark.parametrize("kind", ["bool", "block"])
+def test_compiled_sparse_inference_keeps_the_csr_kernel(csr_threshold, kind, monkeypatch):
     """A torch.compile graph of a pruned model runs the CSR kernel (through the capkit::masked_linear
-    op, asked with the real tensors when the graph runs), packs each weight once, and matches eager."""
+    op, asked with the real tensors when the graph runs), packs each weight once, and matches eager;
+    for 0/1 masks and for block masks."""
     import torch._dynamo
     import torch._dynamo.testing
     from capkit.nn import MaskedLinear, patch_model
+    from capkit.ops import BlockMask
     from _models import tiny_bert, token_batch
 
     torch._dynamo.reset()
@@ -202,7 +205,14 @@ def test_compiled_sparse_inference_keeps_the_csr_kernel(csr_threshold):
     gen = torch.Generator().manual_seed(3)
     layers = [m for m in model.modules() if isinstance(m, MaskedLinear)]
     for m in layers:
-        m.set_mask(torch.rand(m.out_features, m.in_features, generator=gen) < 0.1)
+        if kind == "bool":
+            m.set_mask(torch.rand(m.out_features, m.in_features, generator=gen) < 0.1)
+        else:
+            grid = torch.rand(-(-m.out_features // 16), -(-m.in_features // 16), generator=gen) < 0.25
+            grid[0, 0] = True
+            m.set_mask(BlockMask.from_block_grid(grid, 16, (m.out_features, m.in_features)))
+    if kind == "block":  # the tiny model's few blocks are dense by area: let every one through
+        monkeypatch.setattr(sparse_format, "csr_max_density", lambda dtype=torch.float32: 1.0)
     batch = token_batch(model.config)
     with torch.no_grad():
         eager = model(**batch).logits

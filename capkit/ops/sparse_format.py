@@ -108,15 +108,26 @@ def csr_linear(x: torch.Tensor, packed: CSRWeight, bias: Optional[torch.Tensor] 
     return y.view(*lead, out_f)
 
 
+_MAX_DENSITY: dict = {}  # dtype name -> (the rules list it was read from, max density)
+
+
 def csr_max_density(dtype: torch.dtype = torch.float32) -> float:
     """Highest mask density at which the measured table sends CPU inference to the CSR kernel
-    (0 without such a rule: the dense kernels then run)."""
+    (0 without such a rule: the dense kernels then run). Read once per table and dtype: this is
+    asked on every sparse forward."""
     name = str(dtype).replace("torch.", "")
-    for rule in dispatch_rules():
+    rules = dispatch_rules()
+    hit = _MAX_DENSITY.get(name)
+    if hit is not None and hit[0] is rules:
+        return hit[1]
+    value = 0.0
+    for rule in rules:
         if (rule.get("device") == "cpu" and rule.get("dtype") == name and rule.get("mask_kind") == "unstructured"
                 and rule.get("mode", "inference") == "inference" and rule.get("backend") == "cpu"):
-            return float(rule.get("max_density") or 0.0)
-    return 0.0
+            value = float(rule.get("max_density") or 0.0)
+            break
+    _MAX_DENSITY[name] = (rules, value)
+    return value
 
 
 def _eligible_call(x: torch.Tensor, weight: torch.Tensor, bias, backend: str) -> bool:
