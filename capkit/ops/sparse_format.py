@@ -188,12 +188,21 @@ def block_csr_applies(x: torch.Tensor, weight: torch.Tensor, layout, element_mas
                       backend: str = "auto") -> bool:
     """Whether a block mask (``layout``, with an optional fixed 0/1 element mask inside its live
     blocks) runs the CSR kernel in inference: at block densities within the same measured
-    threshold. The CSR kernel reads any pattern, and beat the block-sparse kernel on 32 x 32
+    threshold, from the second call with the same layout on (a fixed mask: an export, a frozen
+    model). The CSR kernel reads any pattern, and beat the block-sparse kernel on 32 x 32
     block masks at 10% kept on the 2-core Xeon, at every BERT layer shape measured (e.g. 56 against
     95 us at 384 x 384 and 128 tokens, 14.5 against 21.3 ms at 3072 -> 768 and 4096 tokens)."""
     if element_mask is not None and not _fixed_01(element_mask):
         return False
-    return _eligible_call(x, weight, bias, backend) and layout.block_density <= csr_max_density(x.dtype)
+    if not (_eligible_call(x, weight, bias, backend) and layout.block_density <= csr_max_density(x.dtype)):
+        return False
+    # Only a layout seen before: the block kernels need no packing of their own, while building
+    # the CSR costs several passes over the weight, which a mask made afresh for every forward
+    # (a pruning criterion's, e.g. evaluation during training) would pay on each call.
+    if getattr(layout, "_capkit_seen", False):
+        return True
+    layout._capkit_seen = True
+    return False
 
 
 def packed_for_block_mask(weight: torch.Tensor, layout, element_mask=None) -> CSRWeight:
