@@ -172,16 +172,22 @@ def csr_applies(x: torch.Tensor, weight: torch.Tensor, mask, bias=None, backend:
     return _eligible(x, weight, mask, bias, backend) and _density(mask) <= csr_max_density(x.dtype)
 
 
+def _cached_pack(holder, weight: torch.Tensor, state: tuple, dense_mask) -> CSRWeight:
+    """The CSR cached on ``holder`` (a mask tensor or a block layout) for this weight object and
+    ``state``; otherwise ``pack_csr(weight, dense_mask())``, cached there."""
+    state = (weight.data_ptr(), weight._version) + state
+    cached = getattr(holder, "_capkit_csr", None)
+    if cached is not None and cached[0]() is weight and cached[1] == state:
+        return cached[2]
+    packed = pack_csr(weight, dense_mask())
+    holder._capkit_csr = (weakref.ref(weight), state, packed)
+    return packed
+
+
 def packed_for_mask(weight: torch.Tensor, mask: torch.Tensor) -> CSRWeight:
     """The CSR of ``weight * mask``, cached on the mask tensor and rebuilt only when the weight
     (another tensor, or written in place) or the mask changed."""
-    state = (weight.data_ptr(), weight._version, mask.data_ptr(), mask._version)
-    cached = getattr(mask, "_capkit_csr", None)
-    if cached is not None and cached[0]() is weight and cached[1] == state:
-        return cached[2]
-    packed = pack_csr(weight, mask)
-    mask._capkit_csr = (weakref.ref(weight), state, packed)
-    return packed
+    return _cached_pack(mask, weight, (mask.data_ptr(), mask._version), lambda: mask)
 
 
 def block_csr_applies(x: torch.Tensor, weight: torch.Tensor, layout, element_mask=None, bias=None,
@@ -196,9 +202,10 @@ def block_csr_applies(x: torch.Tensor, weight: torch.Tensor, layout, element_mas
         return False
     if not (_eligible_call(x, weight, bias, backend) and layout.block_density <= csr_max_density(x.dtype)):
         return False
-    # Only a layout seen before: the block kernels need no packing of their own, while building
-    # the CSR costs several passes over the weight, which a mask made afresh for every forward
-    # (a pruning criterion's, e.g. evaluation during training) would pay on each call.
+    # Only a layout seen before: the block kernels pack their live blocks in C++ on each call,
+    # while building the CSR costs several passes over the whole weight in Python, which a mask
+    # made afresh for every forward (a pruning criterion's, e.g. evaluation during training)
+    # would pay on each call.
     if getattr(layout, "_capkit_seen", False):
         return True
     layout._capkit_seen = True
@@ -209,15 +216,11 @@ def packed_for_block_mask(weight: torch.Tensor, layout, element_mask=None) -> CS
     """The CSR of ``weight`` inside the live blocks of ``layout`` (and where ``element_mask`` is
     nonzero, if given), cached on the layout and rebuilt only when the weight, the layout's
     tensors or the element mask changed."""
-    state = (weight.data_ptr(), weight._version,
-             tuple((t.data_ptr(), t._version) for t in (layout.row_ptr, layout.col_idx)),
+    state = (tuple((t.data_ptr(), t._version) for t in (layout.row_ptr, layout.col_idx)),
              None if element_mask is None else (element_mask.data_ptr(), element_mask._version))
-    cached = getattr(layout, "_capkit_csr", None)
-    if cached is not None and cached[0]() is weight and cached[1] == state:
-        return cached[2]
-    dense = layout.dense_mask()
-    if element_mask is not None:
-        dense = dense & (element_mask != 0)
-    packed = pack_csr(weight, dense)
-    layout._capkit_csr = (weakref.ref(weight), state, packed)
-    return packed
+
+    def dense_mask():
+        dense = layout.dense_mask()
+        return dense if element_mask is None else dense & (element_mask != 0)
+
+    return _cached_pack(layout, weight, state, dense_mask)

@@ -277,7 +277,6 @@ float* scratch(size_t n) {
   return buf.get();
 }
 
-
 }  // namespace
 
 void csr_linear_forward_f32(const float* x, const int32_t* ptr, const int32_t* col_idx, const float* values,
