@@ -157,8 +157,10 @@ std::tuple<Tensor, Tensor> grad_weight_cpu(const Tensor& grad_out, const Tensor&
 
 // Unstructured-sparse weight in panelled CSR by output row (capkit/ops/sparse_format.py builds it).
 Tensor csr_linear_forward_cpu(const Tensor& x, const Tensor& ptr, const Tensor& col_idx, const Tensor& values,
-                              const OptTensor& bias, int64_t out_features, int64_t panel) {
+                              const OptTensor& bias, int64_t out_features, int64_t panel, int64_t activation) {
   check_matrix(x, "x");
+  TORCH_CHECK(activation == cpu::kActivationNone || activation == cpu::kActivationGelu,
+              "capkit: activation must be 0 (none) or 1 (gelu), got ", activation);
   check_f32_cpu(x, "x");
   check_f32_cpu(values, "values");
   for (const auto* t : {&ptr, &col_idx}) {
@@ -183,7 +185,7 @@ Tensor csr_linear_forward_cpu(const Tensor& x, const Tensor& ptr, const Tensor& 
   Tensor y = new_output({M, N}, x.options());
   cpu::csr_linear_forward_f32(x.data_ptr<float>(), rp, col_idx.data_ptr<int32_t>(), values.data_ptr<float>(),
                               bias.has_value() ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K,
-                              panel);
+                              panel, static_cast<int>(activation));
   return y;
 }
 
@@ -289,7 +291,7 @@ TORCH_LIBRARY(capkit, m) {
       "Tensor? col_idx, int block_size, bool need_weight_grad, bool need_mask_grad) -> (Tensor, Tensor)");
   m.def(
       "csr_linear_forward(Tensor x, Tensor ptr, Tensor col_idx, Tensor values, Tensor? bias, "
-      "int out_features, int panel) -> Tensor");
+      "int out_features, int panel, int activation=0) -> Tensor");
   m.def(
       "info_nce_forward(Tensor qs, Tensor keys, Tensor? key_scale, Tensor qid, Tensor kid, Tensor? qlab, "
       "Tensor? klab, Tensor? self_index) -> Tensor");

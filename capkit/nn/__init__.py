@@ -1,4 +1,5 @@
 """Modules built on capkit's ops, and the patching of transformers encoders."""
+from capkit.nn.fuse import GeluIntermediate, fuse_gelu
 from capkit.nn.info_nce import InfoNCE
 from capkit.nn.masked_linear import MaskedLinear, prepared_masks
 from capkit.nn.patch import (
@@ -11,11 +12,13 @@ from capkit.nn.patch import (
 )
 
 __all__ = [
+    "GeluIntermediate",
     "InfoNCE",
     "MaskedLinear",
     "ROLES",
     "UnsupportedModelError",
     "encoder_layers",
+    "fuse_gelu",
     "masked_modules",
     "patch_model",
     "prepared_masks",

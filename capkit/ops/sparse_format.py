@@ -97,14 +97,25 @@ def pack_csr(weight: torch.Tensor, mask: torch.Tensor, panel: Optional[int] = No
         return CSRWeight(ptr, cols.to(torch.int32).contiguous(), values.contiguous(), (out_f, in_f), panel)
 
 
-def csr_linear(x: torch.Tensor, packed: CSRWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``x @ (W * M)^T + bias`` with the C++ kernel; ``x [..., in]`` fp32 on the CPU, no autograd."""
+ACTIVATIONS = (None, "gelu")
+
+
+def csr_linear(x: torch.Tensor, packed: CSRWeight, bias: Optional[torch.Tensor] = None,
+               activation: Optional[str] = None) -> torch.Tensor:
+    """``x @ (W * M)^T + bias`` with the C++ kernel; ``x [..., in]`` fp32 on the CPU, no autograd.
+    ``activation="gelu"`` applies the exact (erf) GELU inside the kernel, on each output tile
+    while it is still in cache (a BERT feed-forward's first layer and its activation in one pass)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"csr_linear: activation must be None or 'gelu', got {activation!r}")
     out_f, in_f = packed.shape
     lead = x.shape[:-1]
     x2d = x.reshape(-1, in_f).contiguous()
-    y = torch.ops.capkit.csr_linear_forward(
-        x2d, packed.ptr, packed.col_idx, packed.values, None if bias is None else bias.contiguous(), out_f,
-        packed.panel)
+    b = None if bias is None else bias.contiguous()
+    op = torch.ops.capkit.csr_linear_forward
+    if activation is None:
+        y = op(x2d, packed.ptr, packed.col_idx, packed.values, b, out_f, packed.panel)
+    else:
+        y = op(x2d, packed.ptr, packed.col_idx, packed.values, b, out_f, packed.panel, 1)
     return y.view(*lead, out_f)
 
 

@@ -11,6 +11,7 @@
 #include "cpu/sparse_linear_cpu.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -219,6 +220,107 @@ constexpr RowFn kRowFns[9] = {nullptr,     row_avx2<1>, row_avx2<2>, row_avx2<3>
 constexpr RowFn kRowFns512[5] = {nullptr, row_avx512<1>, row_avx512<2>, row_avx512<3>, row_avx512<4>};
 #endif
 
+// ---------------------------------------------------------------------------------------------
+// GELU (the exact, erf form: 0.5 x (1 + erf(x / sqrt 2))) applied to a finished output tile
+// while it is still in L1/L2. erf is Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7):
+// erf(|z|) = 1 - t (a1 + t (a2 + t (a3 + t (a4 + t a5)))) exp(-z^2), t = 1 / (1 + p |z|);
+// exp(-z^2) by range reduction to r in [-ln2/2, ln2/2] and a degree-6 Taylor polynomial.
+constexpr float kErfP = 0.3275911f, kErfA1 = 0.254829592f, kErfA2 = -0.284496736f, kErfA3 = 1.421413741f,
+                kErfA4 = -1.453152027f, kErfA5 = 1.061405429f;
+constexpr float kLog2e = 1.44269504f, kLn2Hi = 0.693145752f, kLn2Lo = 1.42860677e-6f;
+constexpr float kInvSqrt2 = 0.70710678f;
+
+void gelu_scalar(float* v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) v[i] = 0.5f * v[i] * (1.0f + std::erf(v[i] * kInvSqrt2));
+}
+
+#ifdef CAPKIT_X86
+__attribute__((target("avx512f"))) inline __m512 exp_neg_avx512(__m512 x) {  // x <= 0
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+  __m512 q = _mm512_set1_ps(1.0f / 720);
+  q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f / 120));
+  q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f / 24));
+  q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f / 6));
+  q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(0.5f));
+  q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f));
+  q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(q, n);
+}
+
+__attribute__((target("avx512f"))) void gelu_avx512(float* v, int64_t n) {
+  const __m512 sign_bit = _mm512_set1_ps(-0.0f);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 x = _mm512_loadu_ps(v + i);
+    const __m512 z = _mm512_mul_ps(x, _mm512_set1_ps(kInvSqrt2));
+    const __m512 az = _mm512_castsi512_ps(_mm512_andnot_si512(_mm512_castps_si512(sign_bit), _mm512_castps_si512(z)));
+    const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(_mm512_set1_ps(kErfP), az, _mm512_set1_ps(1.0f)));
+    __m512 poly = _mm512_fmadd_ps(_mm512_set1_ps(kErfA5), t, _mm512_set1_ps(kErfA4));
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(kErfA3));
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(kErfA2));
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(kErfA1));
+    poly = _mm512_mul_ps(poly, t);
+    const __m512 e = exp_neg_avx512(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(z, z)));
+    const __m512 erf_abs = _mm512_fnmadd_ps(poly, e, _mm512_set1_ps(1.0f));
+    const __m512 erf = _mm512_castsi512_ps(_mm512_or_si512(
+        _mm512_castps_si512(erf_abs), _mm512_and_si512(_mm512_castps_si512(sign_bit), _mm512_castps_si512(z))));
+    const __m512 half_x = _mm512_mul_ps(x, _mm512_set1_ps(0.5f));
+    _mm512_storeu_ps(v + i, _mm512_fmadd_ps(half_x, erf, half_x));
+  }
+  gelu_scalar(v + i, n - i);
+}
+
+__attribute__((target("avx2,fma"))) inline __m256 exp_neg_avx2(__m256 x) {  // x <= 0
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+  __m256 q = _mm256_set1_ps(1.0f / 720);
+  q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.0f / 120));
+  q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.0f / 24));
+  q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.0f / 6));
+  q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(0.5f));
+  q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.0f));
+  q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.0f));
+  // 2^n through the exponent bits (n >= -126 after the clamp above)
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(q, _mm256_castsi256_ps(bits));
+}
+
+__attribute__((target("avx2,fma"))) void gelu_avx2(float* v, int64_t n) {
+  const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_loadu_ps(v + i);
+    const __m256 z = _mm256_mul_ps(x, _mm256_set1_ps(kInvSqrt2));
+    const __m256 az = _mm256_andnot_ps(sign_bit, z);
+    const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_fmadd_ps(_mm256_set1_ps(kErfP), az, _mm256_set1_ps(1.0f)));
+    __m256 poly = _mm256_fmadd_ps(_mm256_set1_ps(kErfA5), t, _mm256_set1_ps(kErfA4));
+    poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(kErfA3));
+    poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(kErfA2));
+    poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(kErfA1));
+    poly = _mm256_mul_ps(poly, t);
+    const __m256 e = exp_neg_avx2(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(z, z)));
+    const __m256 erf = _mm256_or_ps(_mm256_fnmadd_ps(poly, e, _mm256_set1_ps(1.0f)), _mm256_and_ps(sign_bit, z));
+    const __m256 half_x = _mm256_mul_ps(x, _mm256_set1_ps(0.5f));
+    _mm256_storeu_ps(v + i, _mm256_fmadd_ps(half_x, erf, half_x));
+  }
+  gelu_scalar(v + i, n - i);
+}
+#endif
+
+void apply_activation(int activation, float* v, int64_t n) {
+  if (activation != kActivationGelu) return;
+#ifdef CAPKIT_X86
+  if (kAvx512) return gelu_avx512(v, n);
+  if (kAvx2) return gelu_avx2(v, n);
+#endif
+  gelu_scalar(v, n);
+}
+
 // Tile `tile` (tokens [tile * tok, tile * tok + tok)) of x transposed into dst [K][tok]; tokens
 // past M are zero.
 void transpose_tile(const float* x, int64_t M, int64_t K, int64_t tile, int64_t tok, float* dst) {
@@ -237,7 +339,7 @@ void transpose_tile(const float* x, int64_t M, int64_t K, int64_t tile, int64_t 
 // [nrows][tok] buffer holding the partial sums between panels, then transposed into y.
 void rows_of_tile(const float* xtile, int64_t tok, int64_t m0, int64_t ntok, int64_t n0, int64_t nrows,
                   const int32_t* ptr, const int32_t* col_idx, const float* values, const float* bias, float* out,
-                  float* y, int64_t N, int64_t n_panels) {
+                  float* y, int64_t N, int64_t n_panels, int activation) {
   const int nvec = static_cast<int>(cdiv(ntok, 8));
   for (int64_t p = 0; p < n_panels; ++p) {
     const int32_t* pp = ptr + p * N;
@@ -261,6 +363,7 @@ void rows_of_tile(const float* xtile, int64_t tok, int64_t m0, int64_t ntok, int
       row_scalar(xtile, tok, col_idx, values, e0, e1, b0, acc_out, nvec, o);
     }
   }
+  apply_activation(activation, out, nrows * tok);
   // out [rows][tokens] -> y [tokens][rows]
   transpose_block(out, tok, nrows, ntok, y + m0 * N + n0, N);
 }
@@ -280,7 +383,8 @@ float* scratch(size_t n) {
 }  // namespace
 
 void csr_linear_forward_f32(const float* x, const int32_t* ptr, const int32_t* col_idx, const float* values,
-                            const float* bias, float* y, int64_t M, int64_t N, int64_t K, int64_t panel) {
+                            const float* bias, float* y, int64_t M, int64_t N, int64_t K, int64_t panel,
+                            int activation) {
   if (M == 0 || N == 0) return;
   const int64_t n_panels = panel > 0 && K > 0 ? cdiv(K, panel) : 1;
   const int threads = cpu_max_threads();
@@ -307,7 +411,7 @@ void csr_linear_forward_f32(const float* x, const int32_t* ptr, const int32_t* c
       for (int64_t tile = 0; tile < n_tiles; ++tile) {
         const int64_t m0 = tile * tok, ntok = std::min<int64_t>(tok, M - m0);
         transpose_tile(x, M, K, tile, tok, xtile);
-        rows_of_tile(xtile, tok, m0, ntok, 0, N, ptr, col_idx, values, bias, out, y, N, n_panels);
+        rows_of_tile(xtile, tok, m0, ntok, 0, N, ptr, col_idx, values, bias, out, y, N, n_panels, activation);
       }
     }
     return;
@@ -327,7 +431,7 @@ void csr_linear_forward_f32(const float* x, const int32_t* ptr, const int32_t* c
       const int64_t tile = task / n_chunks, n0 = (task % n_chunks) * kRowChunk;
       const int64_t m0 = tile * tok, ntok = std::min<int64_t>(tok, M - m0);
       rows_of_tile(xtb + tile * tile_floats, tok, m0, ntok, n0, std::min<int64_t>(kRowChunk, N - n0), ptr, col_idx,
-                   values, bias, out, y, N, n_panels);
+                   values, bias, out, y, N, n_panels, activation);
     }
   }
 }

@@ -7,6 +7,8 @@
 // or >= K is plain CSR (ptr [N + 1]). Pruned entries are not stored, so whatever the dense weight
 // held there (NaN included) is never read.
 //   y [M, N] = x [M, K] @ W^T + bias, x and y row-major and contiguous, fp32 accumulation.
+// activation = kActivationGelu applies the exact (erf) GELU to y on the way out (within 2e-7 of
+// the float64 value times |y|): a BERT feed-forward's first layer and its activation in one pass.
 // The same kernel gives dx = dy @ W when it is handed the CSR of W^T (rows = input features).
 #pragma once
 #include <cstdint>
@@ -14,8 +16,12 @@
 namespace capkit {
 namespace cpu {
 
+constexpr int kActivationNone = 0;
+constexpr int kActivationGelu = 1;
+
 void csr_linear_forward_f32(const float* x, const int32_t* ptr, const int32_t* col_idx, const float* values,
-                            const float* bias, float* y, int64_t M, int64_t N, int64_t K, int64_t panel);
+                            const float* bias, float* y, int64_t M, int64_t N, int64_t K, int64_t panel,
+                            int activation = kActivationNone);
 
 }  // namespace cpu
 }  // namespace capkit

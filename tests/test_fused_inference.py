@@ -1,0 +1,230 @@
+"""Inference fusions on the CSR kernel against the float64 reference: the GELU applied inside the
+kernel, MaskedLinear's cached decision for repeated calls (and everything that must undo it), and
+fuse_gelu on transformers feed-forward blocks, including capkit.load."""
+import math
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from capkit.nn import GeluIntermediate, MaskedLinear, fuse_gelu, patch_model, unpatch
+from capkit.ops import backend_status
+from capkit.ops import sparse_format
+from capkit.ops.sparse_format import csr_linear, pack_csr
+
+pytestmark = pytest.mark.skipif(backend_status(torch.device("cpu"))["cpu"] is not None,
+                                reason="capkit._C (the C++ CPU kernels) is not built")
+
+
+def tol(k):
+    return 16 * 2e-6 * math.sqrt(k) + 2e-6
+
+
+def reference_gelu(x, w, m, b):
+    wm = torch.where(m, w.double(), torch.zeros((), dtype=torch.float64))
+    return F.gelu(F.linear(x.double(), wm, None if b is None else b.double()))
+
+
+@pytest.fixture
+def csr_threshold():
+    with mock.patch.object(sparse_format, "csr_max_density", lambda dtype=torch.float32: 0.3):
+        yield
+
+
+# (tokens, in, out): one token, a partial tile, the shared-buffer and tile-per-thread schedules,
+# several panels
+@pytest.mark.parametrize("shape", [(1, 7, 19), (5, 40, 33), (64, 24, 70), (130, 100, 50), (577, 45, 300),
+                                   (1000, 3, 129)])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_gelu_in_the_kernel_matches_reference(shape, threads):
+    m_, k, n = shape
+    g = torch.Generator().manual_seed(m_ * 7 + k)
+    x, w, b = torch.randn(m_, k, generator=g) * 2, torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    mask = torch.rand(n, k, generator=g) < 0.2
+    mask[0] = False  # an empty row: gelu(bias)
+    w[~mask] = float("nan")  # never read
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        y = csr_linear(x, pack_csr(w, mask), b, activation="gelu")
+    finally:
+        torch.set_num_threads(before)
+    assert y.shape == (m_, n)
+    torch.testing.assert_close(y.double(), reference_gelu(x, w, mask, b), atol=tol(k), rtol=1e-6)
+
+
+def test_gelu_in_the_kernel_over_the_whole_range():
+    """A 1 x 1 identity weight turns the kernel into the activation alone: compare it with the
+    float64 GELU from -12 to 12 (both tails, the sign change, the vector body and its scalar tail)."""
+    z = torch.linspace(-12, 12, 10007)[:, None]
+    one = pack_csr(torch.ones(1, 1), torch.ones(1, 1, dtype=torch.bool))
+    y = csr_linear(z, one, None, activation="gelu")[:, 0].double()
+    ref = F.gelu(z[:, 0].double())
+    assert (y - ref).abs().max().item() < 1e-6
+    assert torch.isnan(csr_linear(torch.tensor([[float("nan")]]), one, None, activation="gelu")).all()
+
+
+def test_activation_argument_is_checked():
+    p = pack_csr(torch.randn(3, 4), torch.ones(3, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="activation"):
+        csr_linear(torch.randn(2, 4), p, None, activation="relu")
+    with pytest.raises(RuntimeError, match="activation"):
+        torch.ops.capkit.csr_linear_forward(torch.randn(2, 4), p.ptr, p.col_idx, p.values, None, 3, p.panel, 2)
+    with pytest.raises(ValueError, match="activation"):
+        MaskedLinear(4, 3)(torch.randn(2, 4), activation="tanh")
+
+
+def _sparse_layer(k=40, n=31, density=0.1, seed=0):
+    torch.manual_seed(seed)
+    lin = MaskedLinear(k, n)
+    lin.set_mask(torch.rand(n, k) < density)
+    return lin
+
+
+def test_masked_linear_activation_on_every_path(csr_threshold):
+    """forward(x, activation="gelu") is gelu(forward(x)) whichever path runs: the CSR kernel
+    (inference), the dense GEMM (a mask too dense for it), and training with autograd."""
+    x = torch.randn(2, 9, 40)
+    for density in (0.1, 0.9):
+        lin = _sparse_layer(density=density)
+        with torch.no_grad():
+            plain = lin(x)
+            fused = lin(x, activation="gelu")
+            again = lin(x, activation="gelu")  # the cached decision
+        assert (lin._csr_plan is not None) == (density < 0.3)
+        torch.testing.assert_close(fused, F.gelu(plain), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(again, fused)
+    lin = _sparse_layer()
+    xg = x.clone().requires_grad_()
+    lin(xg, activation="gelu").square().sum().backward()
+    ref_x = x.clone().requires_grad_()
+    ref_w = lin.weight.detach().clone().requires_grad_()
+    F.gelu(F.linear(ref_x, ref_w * lin.mask, lin.bias.detach())).square().sum().backward()
+    torch.testing.assert_close(xg.grad, ref_x.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lin.weight.grad, ref_w.grad * lin.mask, atol=1e-5, rtol=1e-5)
+
+
+def test_repeated_inference_skips_the_eligibility_check(csr_threshold):
+    lin = _sparse_layer()
+    x = torch.randn(6, 40)
+    with torch.no_grad(), mock.patch("capkit.nn.masked_linear.csr_applies",
+                                     wraps=sparse_format.csr_applies) as check:
+        first = lin(x)
+        for _ in range(3):
+            torch.testing.assert_close(lin(x), first)
+    assert check.call_count == 1
+
+
+def _expected(lin, x):
+    return F.linear(x.double(), lin.weight.detach().double() * lin.mask,
+                    None if lin.bias is None else lin.bias.detach().double())
+
+
+def test_cached_decision_follows_every_change(csr_threshold):
+    """The shortcut for repeated calls must give way whenever the weight, bias, mask, backend,
+    mode or input kind changes: each change below is checked against the reference."""
+    lin = _sparse_layer()
+    x = torch.randn(6, 40)
+    with torch.no_grad():
+        lin(x)
+        lin.weight.mul_(2.0)  # in place
+        torch.testing.assert_close(lin(x).double(), _expected(lin, x), atol=2 * tol(40), rtol=0)
+        lin.weight = torch.nn.Parameter(torch.randn(31, 40))  # replaced
+        torch.testing.assert_close(lin(x).double(), _expected(lin, x), atol=2 * tol(40), rtol=0)
+        lin.bias.add_(1.0)
+        torch.testing.assert_close(lin(x).double(), _expected(lin, x), atol=2 * tol(40), rtol=0)
+        lin.set_mask(torch.rand(31, 40) < 0.1)  # a new mask
+        torch.testing.assert_close(lin(x).double(), _expected(lin, x), atol=2 * tol(40), rtol=0)
+        lin.mask[0, :] = True  # the mask edited in place
+        torch.testing.assert_close(lin(x).double(), _expected(lin, x), atol=2 * tol(40), rtol=0)
+        lin.backend = "torch"
+        with mock.patch("capkit.nn.masked_linear.csr_linear") as kernel:
+            torch.testing.assert_close(lin(x).double(), _expected(lin, x), atol=2 * tol(40), rtol=0)
+        assert kernel.call_count == 0
+        lin.backend = "auto"
+        lin(x)
+        with pytest.raises(TypeError, match="dtype"):  # another dtype: the full checks, not the fp32 kernel
+            lin(x.double())
+    # gradients enabled and an input that needs them: autograd, not the kernel
+    xg = x.clone().requires_grad_()
+    lin(xg).sum().backward()
+    assert xg.grad is not None
+    # a fused optimiser writes the weight without a version bump: the gradient hook catches it
+    lin.zero_grad()
+    opt = torch.optim.SGD(lin.parameters(), lr=0.5)
+    lin(torch.randn(3, 40)).sum().backward()
+    with torch.no_grad():
+        lin(x)
+    opt.step()
+    with torch.no_grad():
+        torch.testing.assert_close(lin(x).double(), _expected(lin, x), atol=2 * tol(40), rtol=0)
+
+
+def _pruned_tiny_bert(hidden_act="gelu"):
+    from _models import tiny_bert
+
+    model = tiny_bert(hidden_act=hidden_act)
+    patch_model(model)
+    g = torch.Generator().manual_seed(5)
+    for m in model.modules():
+        if isinstance(m, MaskedLinear):
+            m.set_mask(torch.rand(m.out_features, m.in_features, generator=g) < 0.15)
+    return model
+
+
+def test_fuse_gelu_replaces_feed_forward_blocks_and_keeps_outputs(csr_threshold):
+    from _models import token_batch
+
+    model = _pruned_tiny_bert()
+    batch = token_batch(model.config)
+    keys = list(model.state_dict())
+    with torch.no_grad():
+        before = model(**batch).logits
+    assert fuse_gelu(model) == model.config.num_hidden_layers
+    assert fuse_gelu(model) == 0  # already fused
+    assert list(model.state_dict()) == keys
+    blocks = [m for m in model.modules() if isinstance(m, GeluIntermediate)]
+    assert len(blocks) == model.config.num_hidden_layers
+    with torch.no_grad(), mock.patch("capkit.nn.masked_linear.csr_linear", wraps=csr_linear) as kernel:
+        after = model(**batch).logits
+    gelu_calls = [c for c in kernel.call_args_list if c.args[3:4] == ("gelu",) or c.kwargs.get("activation") == "gelu"]
+    assert len(gelu_calls) == model.config.num_hidden_layers
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+    # training still flows through the fused blocks
+    model.train()
+    model(**batch).logits.sum().backward()
+    assert blocks[0].dense.weight.grad is not None
+    # back to plain layers: the blocks run the two steps
+    model.eval()
+    unpatch(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, before, atol=1e-5, rtol=1e-5)
+
+
+def test_fuse_gelu_leaves_other_activations():
+    model = _pruned_tiny_bert(hidden_act="gelu_new")  # the tanh form: not what the kernel computes
+    assert fuse_gelu(model) == 0
+    with pytest.raises(TypeError, match="model"):
+        fuse_gelu("model")
+    with pytest.raises(ValueError, match="intermediate_act_fn"):
+        GeluIntermediate(MaskedLinear(4, 8), torch.nn.ReLU())
+
+
+def test_loaded_sparse_export_runs_the_fused_gelu(tmp_path, csr_threshold):
+    import capkit
+    from capkit.export import save
+    from _models import token_batch
+
+    model = _pruned_tiny_bert()
+    batch = token_batch(model.config)
+    with torch.no_grad():
+        expected = model(**batch).logits
+    save(model, tmp_path / "sparse", format="sparse")
+    loaded = capkit.load(tmp_path / "sparse")
+    assert sum(isinstance(m, GeluIntermediate) for m in loaded.modules()) == model.config.num_hidden_layers
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, expected, atol=1e-5, rtol=1e-5)
+    save(loaded, tmp_path / "again", format="sparse")  # a fused model saves like any other
+    with torch.no_grad():
+        torch.testing.assert_close(capkit.load(tmp_path / "again")(**batch).logits, expected, atol=1e-5, rtol=1e-5)
