@@ -157,7 +157,8 @@ std::tuple<Tensor, Tensor> grad_weight_cpu(const Tensor& grad_out, const Tensor&
 
 // Unstructured-sparse weight in panelled CSR by output row (capkit/ops/sparse_format.py builds it).
 Tensor csr_linear_forward_cpu(const Tensor& x, const Tensor& ptr, const Tensor& col_idx, const Tensor& values,
-                              const OptTensor& bias, int64_t out_features, int64_t panel, int64_t activation) {
+                              const OptTensor& bias, int64_t out_features, int64_t panel, int64_t activation,
+                              const OptTensor& residual) {
   check_matrix(x, "x");
   TORCH_CHECK(activation == cpu::kActivationNone || activation == cpu::kActivationGelu,
               "capkit: activation must be 0 (none) or 1 (gelu), got ", activation);
@@ -182,10 +183,17 @@ Tensor csr_linear_forward_cpu(const Tensor& x, const Tensor& ptr, const Tensor& 
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous(),
                 "capkit: bias must be a contiguous vector of length ", N);
   }
+  if (residual.has_value()) {
+    check_f32_cpu(*residual, "residual");
+    TORCH_CHECK(residual->dim() == 2 && residual->size(0) == M && residual->size(1) == N && residual->is_contiguous(),
+                "capkit: residual must be a contiguous [", M, ", ", N, "] matrix, got ", residual->sizes());
+    TORCH_CHECK(activation == cpu::kActivationNone, "capkit: residual and activation cannot be combined");
+  }
   Tensor y = new_output({M, N}, x.options());
   cpu::csr_linear_forward_f32(x.data_ptr<float>(), rp, col_idx.data_ptr<int32_t>(), values.data_ptr<float>(),
                               bias.has_value() ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K,
-                              panel, static_cast<int>(activation));
+                              panel, static_cast<int>(activation),
+                              residual.has_value() ? residual->data_ptr<float>() : nullptr);
   return y;
 }
 
@@ -291,7 +299,7 @@ TORCH_LIBRARY(capkit, m) {
       "Tensor? col_idx, int block_size, bool need_weight_grad, bool need_mask_grad) -> (Tensor, Tensor)");
   m.def(
       "csr_linear_forward(Tensor x, Tensor ptr, Tensor col_idx, Tensor values, Tensor? bias, "
-      "int out_features, int panel, int activation=0) -> Tensor");
+      "int out_features, int panel, int activation=0, Tensor? residual=None) -> Tensor");
   m.def(
       "info_nce_forward(Tensor qs, Tensor keys, Tensor? key_scale, Tensor qid, Tensor kid, Tensor? qlab, "
       "Tensor? klab, Tensor? self_index) -> Tensor");

@@ -1,6 +1,6 @@
-"""Inference fusions on the CSR kernel against the float64 reference: the GELU applied inside the
-kernel, MaskedLinear's cached decision for repeated calls (and everything that must undo it), and
-fuse_gelu on transformers feed-forward blocks, including capkit.load."""
+"""Inference fusions on the CSR kernel against the float64 reference: the GELU and the residual sum
+applied inside the kernel, MaskedLinear's cached decision for repeated calls (and everything that
+must undo it), and fuse_for_inference on transformers blocks, including capkit.load."""
 import math
 from unittest import mock
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from capkit.nn import GeluIntermediate, MaskedLinear, fuse_gelu, patch_model, unpatch
+from capkit.nn import GeluIntermediate, MaskedLinear, ResidualOutput, fuse_for_inference, patch_model, unpatch
 from capkit.ops import backend_status
 from capkit.ops import sparse_format
 from capkit.ops.sparse_format import csr_linear, pack_csr
@@ -73,6 +73,16 @@ def test_activation_argument_is_checked():
         torch.ops.capkit.csr_linear_forward(torch.randn(2, 4), p.ptr, p.col_idx, p.values, None, 3, p.panel, 2)
     with pytest.raises(ValueError, match="activation"):
         MaskedLinear(4, 3)(torch.randn(2, 4), activation="tanh")
+    with pytest.raises(ValueError, match="in_features"):  # a wrong width must not be reshaped silently
+        csr_linear(torch.randn(3, 8), p, None)
+
+
+def test_repeated_calls_check_the_input_width(csr_threshold):
+    lin = _sparse_layer()
+    with torch.no_grad():
+        lin(torch.randn(4, 40))
+        with pytest.raises(ValueError, match="in_features"):
+            lin(torch.randn(4, 80))  # 80 = 2 x 40: a bare reshape would pass
 
 
 def _sparse_layer(k=40, n=31, density=0.1, seed=0):
@@ -173,40 +183,96 @@ def _pruned_tiny_bert(hidden_act="gelu"):
     return model
 
 
-def test_fuse_gelu_replaces_feed_forward_blocks_and_keeps_outputs(csr_threshold):
+def _kernel_calls(kernel, kind):
+    if kind == "gelu":
+        return [c for c in kernel.call_args_list if "gelu" in c.args[3:4] or c.kwargs.get("activation") == "gelu"]
+    return [c for c in kernel.call_args_list
+            if (len(c.args) > 4 and c.args[4] is not None) or c.kwargs.get("residual") is not None]
+
+
+def test_fuse_for_inference_replaces_blocks_and_keeps_outputs(csr_threshold):
     from _models import token_batch
 
     model = _pruned_tiny_bert()
+    layers = model.config.num_hidden_layers
     batch = token_batch(model.config)
     keys = list(model.state_dict())
     with torch.no_grad():
         before = model(**batch).logits
-    assert fuse_gelu(model) == model.config.num_hidden_layers
-    assert fuse_gelu(model) == 0  # already fused
+    assert fuse_for_inference(model) == {"gelu": layers, "residual": 2 * layers}
+    assert fuse_for_inference(model) == {"gelu": 0, "residual": 0}  # already fused
     assert list(model.state_dict()) == keys
-    blocks = [m for m in model.modules() if isinstance(m, GeluIntermediate)]
-    assert len(blocks) == model.config.num_hidden_layers
+    gelu_blocks = [m for m in model.modules() if isinstance(m, GeluIntermediate)]
+    assert len(gelu_blocks) == layers
     with torch.no_grad(), mock.patch("capkit.nn.masked_linear.csr_linear", wraps=csr_linear) as kernel:
         after = model(**batch).logits
-    gelu_calls = [c for c in kernel.call_args_list if c.args[3:4] == ("gelu",) or c.kwargs.get("activation") == "gelu"]
-    assert len(gelu_calls) == model.config.num_hidden_layers
+    assert len(_kernel_calls(kernel, "gelu")) == layers
+    assert len(_kernel_calls(kernel, "residual")) == 2 * layers
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
     # training still flows through the fused blocks
     model.train()
     model(**batch).logits.sum().backward()
-    assert blocks[0].dense.weight.grad is not None
-    # back to plain layers: the blocks run the two steps
+    assert gelu_blocks[0].dense.weight.grad is not None
+    # back to plain layers: the blocks run the separate steps
     model.eval()
     unpatch(model)
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, before, atol=1e-5, rtol=1e-5)
 
 
-def test_fuse_gelu_leaves_other_activations():
+def test_residual_in_the_kernel_matches_reference():
+    g = torch.Generator().manual_seed(11)
+    for m_, k, n in [(1, 7, 19), (5, 40, 33), (130, 100, 50), (577, 45, 300)]:
+        x, w, b = torch.randn(m_, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+        r = torch.randn(m_, n, generator=g)
+        mask = torch.rand(n, k, generator=g) < 0.2
+        w[~mask] = float("nan")
+        y = csr_linear(x, pack_csr(w, mask), b, residual=r)
+        ref = F.linear(x.double(), torch.where(mask, w.double(), torch.zeros((), dtype=torch.float64)), b.double())
+        torch.testing.assert_close(y.double(), ref + r.double(), atol=tol(k), rtol=0)
+    p = pack_csr(torch.randn(3, 4), torch.ones(3, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="residual"):
+        csr_linear(torch.randn(2, 4), p, None, residual=torch.randn(2, 4))
+    with pytest.raises(ValueError, match="combined"):
+        csr_linear(torch.randn(2, 4), p, None, activation="gelu", residual=torch.randn(2, 3))
+    with pytest.raises(RuntimeError, match="residual"):
+        torch.ops.capkit.csr_linear_forward(torch.randn(2, 4), p.ptr, p.col_idx, p.values, None, 3, p.panel, 0,
+                                            torch.randn(3, 3))
+
+
+def test_masked_linear_residual_on_every_path(csr_threshold):
+    x = torch.randn(2, 9, 40)
+    r = torch.randn(2, 9, 31)
+    for density in (0.1, 0.9):
+        lin = _sparse_layer(density=density)
+        with torch.no_grad():
+            expected = lin(x) + r
+            torch.testing.assert_close(lin(x, residual=r), expected, atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(lin(x, residual=r), expected, atol=1e-6, rtol=1e-6)  # cached decision
+            torch.testing.assert_close(lin(x, residual=r[:, :1]), lin(x) + r[:, :1])  # broadcast: the plain sum
+    with pytest.raises(ValueError, match="combined"):
+        lin(x, activation="gelu", residual=r)
+
+
+def test_residual_output_keeps_dropout_in_training():
+    torch.manual_seed(0)
+    block = ResidualOutput(_sparse_layer(), torch.nn.LayerNorm(31), torch.nn.Dropout(0.5))
+    h, inp = torch.randn(4, 40), torch.randn(4, 31)
+    block.train()
+    torch.manual_seed(1)
+    got = block(h, inp)
+    torch.manual_seed(1)
+    expected = block.LayerNorm(block.dropout(block.dense(h)) + inp)
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(TypeError, match="LayerNorm"):
+        ResidualOutput(_sparse_layer(), torch.nn.Identity(), torch.nn.Dropout(0.1))
+
+
+def test_fuse_leaves_other_activations():
     model = _pruned_tiny_bert(hidden_act="gelu_new")  # the tanh form: not what the kernel computes
-    assert fuse_gelu(model) == 0
+    assert fuse_for_inference(model)["gelu"] == 0
     with pytest.raises(TypeError, match="model"):
-        fuse_gelu("model")
+        fuse_for_inference("model")
     with pytest.raises(ValueError, match="intermediate_act_fn"):
         GeluIntermediate(MaskedLinear(4, 8), torch.nn.ReLU())
 
@@ -223,6 +289,7 @@ def test_loaded_sparse_export_runs_the_fused_gelu(tmp_path, csr_threshold):
     save(model, tmp_path / "sparse", format="sparse")
     loaded = capkit.load(tmp_path / "sparse")
     assert sum(isinstance(m, GeluIntermediate) for m in loaded.modules()) == model.config.num_hidden_layers
+    assert sum(isinstance(m, ResidualOutput) for m in loaded.modules()) == 2 * model.config.num_hidden_layers
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, expected, atol=1e-5, rtol=1e-5)
     save(loaded, tmp_path / "again", format="sparse")  # a fused model saves like any other

@@ -1,5 +1,5 @@
 """Modules built on capkit's ops, and the patching of transformers encoders."""
-from capkit.nn.fuse import GeluIntermediate, fuse_gelu
+from capkit.nn.fuse import GeluIntermediate, ResidualOutput, fuse_for_inference
 from capkit.nn.info_nce import InfoNCE
 from capkit.nn.masked_linear import MaskedLinear, prepared_masks
 from capkit.nn.patch import (
@@ -15,10 +15,11 @@ __all__ = [
     "GeluIntermediate",
     "InfoNCE",
     "MaskedLinear",
+    "ResidualOutput",
     "ROLES",
     "UnsupportedModelError",
     "encoder_layers",
-    "fuse_gelu",
+    "fuse_for_inference",
     "masked_modules",
     "patch_model",
     "prepared_masks",

@@ -1,22 +1,25 @@
 """Inference fusions for loaded sparse models.
 
-A BERT-family feed-forward block starts with ``intermediate.dense`` (hidden -> 4 x hidden) and
-its activation. When the dense layer is a :class:`~capkit.nn.MaskedLinear` that runs on the CSR
-kernel and the activation is the exact (erf) GELU, the kernel applies the GELU to each output
-tile while the tile is still in cache, instead of a separate pass over the whole
-``[tokens, 4 x hidden]`` activation. :func:`fuse_gelu` swaps such blocks for
-:class:`GeluIntermediate`, which keeps the same submodules (the state dict, and so saving and
-loading, are unchanged) and gives the same output on every path: where the CSR kernel does not
-run (training, GPU, denser masks, tracing) the GELU runs after the layer as before.
+Two steps of a BERT-family layer that follow a linear layer can run inside the CSR kernel, on
+each output tile while the tile is still in cache, instead of as a separate pass over the whole
+activation: the exact (erf) GELU after ``intermediate.dense``, and the residual connection after
+``attention.output.dense`` and ``output.dense`` (``LayerNorm(dense(h) + input)``).
+:func:`fuse_for_inference` swaps such blocks for :class:`GeluIntermediate` and
+:class:`ResidualOutput`. Both keep the same submodules (the state dict, and so saving and
+loading, are unchanged) and give the same output on every path: where the CSR kernel does not run
+(training, GPU, denser masks, tracing) the step runs after the layer as before, and
+:class:`ResidualOutput` applies its dropout, when active, before the sum as the original does.
 """
 from __future__ import annotations
+
+from typing import Dict
 
 import torch
 from torch import nn
 
 from capkit.nn.masked_linear import MaskedLinear
 
-__all__ = ["GeluIntermediate", "fuse_gelu", "is_exact_gelu"]
+__all__ = ["GeluIntermediate", "ResidualOutput", "fuse_for_inference", "is_exact_gelu"]
 
 
 def is_exact_gelu(act) -> bool:
@@ -52,23 +55,67 @@ class GeluIntermediate(nn.Module):
         return self.intermediate_act_fn(self.dense(hidden_states))
 
 
-def _fusable(module: nn.Module) -> bool:
-    if isinstance(module, GeluIntermediate) or not type(module).__name__.endswith("Intermediate"):
-        return False
-    children = dict(module.named_children())
-    return (set(children) == {"dense", "intermediate_act_fn"} and isinstance(children["dense"], MaskedLinear)
-            and is_exact_gelu(children["intermediate_act_fn"]))
+class ResidualOutput(nn.Module):
+    """``LayerNorm(dropout(dense(h)) + input_tensor)`` with the sum inside the CSR kernel when
+    that kernel runs and the dropout is inactive; a drop-in for a transformers ``*SelfOutput`` /
+    ``*Output`` block (``dense``, ``dropout``, ``LayerNorm``)."""
+
+    def __init__(self, dense: MaskedLinear, LayerNorm: nn.LayerNorm, dropout: nn.Dropout):  # noqa: N803
+        super().__init__()
+        if not isinstance(dense, MaskedLinear):
+            raise TypeError(f"ResidualOutput: dense must be a MaskedLinear, got {type(dense).__name__}")
+        if not isinstance(LayerNorm, nn.LayerNorm):
+            raise TypeError(f"ResidualOutput: LayerNorm must be an nn.LayerNorm, got {type(LayerNorm).__name__}")
+        if not isinstance(dropout, nn.Dropout):
+            raise TypeError(f"ResidualOutput: dropout must be an nn.Dropout, got {type(dropout).__name__}")
+        self.dense = dense
+        self.LayerNorm = LayerNorm
+        self.dropout = dropout
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.dense, MaskedLinear) and not (self.dropout.training and self.dropout.p > 0):
+            return self.LayerNorm(self.dense(hidden_states, residual=input_tensor))
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
 
 
-def fuse_gelu(model: nn.Module) -> int:
-    """Replace every transformers ``*Intermediate`` block of ``model`` whose ``dense`` is a
-    :class:`MaskedLinear` and whose activation is the exact GELU by :class:`GeluIntermediate`
-    (in place); returns how many were replaced. Other blocks are left as they are."""
+def _children(module: nn.Module) -> dict:
+    return dict(module.named_children())
+
+
+def _gelu_block(module: nn.Module) -> bool:
+    c = _children(module)
+    return (type(module).__name__.endswith("Intermediate") and set(c) == {"dense", "intermediate_act_fn"}
+            and isinstance(c["dense"], MaskedLinear) and is_exact_gelu(c["intermediate_act_fn"]))
+
+
+def _residual_block(module: nn.Module) -> bool:
+    c = _children(module)
+    return (type(module).__name__.endswith("Output") and set(c) == {"dense", "LayerNorm", "dropout"}
+            and isinstance(c["dense"], MaskedLinear) and type(c["LayerNorm"]) is nn.LayerNorm
+            and type(c["dropout"]) is nn.Dropout)
+
+
+def fuse_for_inference(model: nn.Module) -> Dict[str, int]:
+    """Replace, in place, every transformers ``*Intermediate`` block of ``model`` whose ``dense``
+    is a :class:`MaskedLinear` and whose activation is the exact GELU by :class:`GeluIntermediate`,
+    and every ``*SelfOutput`` / ``*Output`` block (``dense`` a MaskedLinear, ``dropout``,
+    ``LayerNorm``) by :class:`ResidualOutput`. Returns how many of each were replaced
+    (``{"gelu": n, "residual": m}``); other blocks, and blocks already fused, are left alone."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"fuse_gelu: model must be an nn.Module, got {type(model).__name__}")
-    targets = [(name, module) for name, module in model.named_modules() if _fusable(module)]
-    for name, module in targets:
+        raise TypeError(f"fuse_for_inference: model must be an nn.Module, got {type(model).__name__}")
+    counts = {"gelu": 0, "residual": 0}
+    targets = []
+    for name, module in model.named_modules():
+        if isinstance(module, (GeluIntermediate, ResidualOutput)):
+            continue
+        if _gelu_block(module):
+            targets.append((name, GeluIntermediate(module.dense, module.intermediate_act_fn), "gelu"))
+        elif _residual_block(module):
+            targets.append((name, ResidualOutput(module.dense, module.LayerNorm, module.dropout), "residual"))
+    for name, fused, kind in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, GeluIntermediate(module.dense, module.intermediate_act_fn))
-    return len(targets)
+        fused.train(parent.get_submodule(child).training)
+        setattr(parent, child, fused)
+        counts[kind] += 1
+    return counts

@@ -201,18 +201,29 @@ class MaskedLinear(nn.Module):
                 and self._csr_watch.unchanged_since_seen((mask.data_ptr(), mask._version))
                 and x.dtype == torch.float32 and x.is_cpu and not torch.is_autocast_enabled("cpu"))
 
-    def forward(self, x: torch.Tensor, activation: Optional[str] = None) -> torch.Tensor:
-        """``x @ (weight * mask)^T + bias``, then ``activation`` (None, or ``"gelu"``: the exact,
-        erf GELU, which the CSR inference kernel applies inside the kernel)."""
+    def forward(self, x: torch.Tensor, activation: Optional[str] = None,
+                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``x @ (weight * mask)^T + bias``, then (one of the two) ``activation`` (None, or
+        ``"gelu"``: the exact, erf GELU) or ``+ residual`` (a tensor of the output's shape). The CSR
+        inference kernel applies either inside the kernel; other paths add a step after the layer."""
         if activation is not None and activation != "gelu":
             raise ValueError(f"MaskedLinear: activation must be None or 'gelu', got {activation!r}")
+        if activation is not None and residual is not None:
+            raise ValueError("MaskedLinear: activation and residual cannot be combined")
+        if residual is not None and (residual.dtype != torch.float32 or not residual.is_cpu
+                                     or residual.shape != (*x.shape[:-1], self.out_features)):
+            return self.forward(x) + residual  # not the kernel's case: the plain sum (broadcast included)
         if self._csr_plan_holds(x):
-            return csr_linear(x, self._csr_plan[5], self.bias, activation)
-        y, applied = self._linear(x, activation)
-        return torch.nn.functional.gelu(y) if activation == "gelu" and not applied else y
+            return csr_linear(x, self._csr_plan[5], self.bias, activation, residual)
+        y, applied = self._linear(x, activation, residual)
+        if applied:
+            return y
+        if activation == "gelu":
+            return torch.nn.functional.gelu(y)
+        return y if residual is None else y + residual
 
-    def _linear(self, x: torch.Tensor, activation: Optional[str]):
-        """The layer's output and whether ``activation`` is already applied to it."""
+    def _linear(self, x: torch.Tensor, activation: Optional[str], residual: Optional[torch.Tensor] = None):
+        """The layer's output and whether ``activation`` / ``residual`` are already applied to it."""
         mask = self.current_mask()
         if torch.compiler.is_compiling():
             # Traced by torch.compile: one custom-op call (the pre-folded shortcut keeps a cache
@@ -224,7 +235,7 @@ class MaskedLinear(nn.Module):
             bias = self.bias
             self._csr_plan = (mask, mask._version, bias, None if bias is None else bias._version, self.backend,
                               packed) if mask is self.mask else None
-            return csr_linear(x, packed, bias, activation), True
+            return csr_linear(x, packed, bias, activation, residual), True
         # Inference with an unstructured mask too dense for the CSR kernel, or an N:M mask, already
         # folded into the weight: the dense GEMM is the fastest measured path, so run it without
         # re-applying the mask (block masks go to the block-sparse kernels).

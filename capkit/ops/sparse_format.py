@@ -101,18 +101,31 @@ ACTIVATIONS = (None, "gelu")
 
 
 def csr_linear(x: torch.Tensor, packed: CSRWeight, bias: Optional[torch.Tensor] = None,
-               activation: Optional[str] = None) -> torch.Tensor:
+               activation: Optional[str] = None, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x @ (W * M)^T + bias`` with the C++ kernel; ``x [..., in]`` fp32 on the CPU, no autograd.
-    ``activation="gelu"`` applies the exact (erf) GELU inside the kernel, on each output tile
-    while it is still in cache (a BERT feed-forward's first layer and its activation in one pass)."""
+    Applied inside the kernel, on each output tile while it is still in cache (one of the two):
+    ``activation="gelu"``, the exact (erf) GELU (a BERT feed-forward's first layer and its
+    activation in one pass); ``residual``, a tensor of the output's shape added to it (a BERT
+    sub-layer's residual connection)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"csr_linear: activation must be None or 'gelu', got {activation!r}")
     out_f, in_f = packed.shape
+    if x.dim() == 0 or x.shape[-1] != in_f:
+        raise ValueError(f"csr_linear: x's last dimension must be the weight's in_features ({in_f}), "
+                         f"got x of shape {tuple(x.shape)}")
     lead = x.shape[:-1]
     x2d = x.reshape(-1, in_f).contiguous()
     b = None if bias is None else bias.contiguous()
     op = torch.ops.capkit.csr_linear_forward
-    if activation is None:
+    if residual is not None:
+        if activation is not None:
+            raise ValueError("csr_linear: activation and residual cannot be combined")
+        if tuple(residual.shape) != (*lead, out_f):
+            raise ValueError(f"csr_linear: residual must have the output's shape {(*lead, out_f)}, "
+                             f"got {tuple(residual.shape)}")
+        y = op(x2d, packed.ptr, packed.col_idx, packed.values, b, out_f, packed.panel, 0,
+               residual.reshape(-1, out_f).contiguous())
+    elif activation is None:
         y = op(x2d, packed.ptr, packed.col_idx, packed.values, b, out_f, packed.panel)
     else:
         y = op(x2d, packed.ptr, packed.col_idx, packed.values, b, out_f, packed.panel, 1)

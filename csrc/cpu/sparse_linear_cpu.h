@@ -9,6 +9,8 @@
 //   y [M, N] = x [M, K] @ W^T + bias, x and y row-major and contiguous, fp32 accumulation.
 // activation = kActivationGelu applies the exact (erf) GELU to y on the way out (within 2e-7 of
 // the float64 value times |y|): a BERT feed-forward's first layer and its activation in one pass.
+// residual (nullable, [M, N] row-major) is added last: y = x @ W^T + bias + residual, the
+// residual connection of a BERT sub-layer in the same pass (activation and residual exclusive).
 // The same kernel gives dx = dy @ W when it is handed the CSR of W^T (rows = input features).
 #pragma once
 #include <cstdint>
@@ -21,7 +23,7 @@ constexpr int kActivationGelu = 1;
 
 void csr_linear_forward_f32(const float* x, const int32_t* ptr, const int32_t* col_idx, const float* values,
                             const float* bias, float* y, int64_t M, int64_t N, int64_t K, int64_t panel,
-                            int activation = kActivationNone);
+                            int activation = kActivationNone, const float* residual = nullptr);
 
 }  // namespace cpu
 }  // namespace capkit
