@@ -295,3 +295,41 @@ def test_loaded_sparse_export_runs_the_fused_gelu(tmp_path, csr_threshold):
     save(loaded, tmp_path / "again", format="sparse")  # a fused model saves like any other
     with torch.no_grad():
         torch.testing.assert_close(capkit.load(tmp_path / "again")(**batch).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("element", [False, True])
+def test_block_masks_reuse_the_csr_decision_and_follow_fused_optimiser_updates(element, monkeypatch):
+    """A fixed block mask reaches the CSR kernel from its layout's second call on (the op counts
+    the sightings), then through the module's own cache and shortcut, with the fusions; a fused
+    optimiser (which writes the weight without a version bump) must not leave a stale CSR behind."""
+    from capkit.ops import BlockMask
+
+    monkeypatch.setattr(sparse_format, "csr_max_density", lambda dtype=torch.float32: 1.0)
+    torch.manual_seed(4)
+    lin = MaskedLinear(64, 48)
+    grid = torch.rand(3, 4) < 0.4
+    grid[0, 0] = True
+    block = BlockMask.from_block_grid(grid, 16, (48, 64))
+    if element:
+        block = BlockMask(block.layout, torch.rand(48, 64) < 0.7)
+    lin.set_mask(block)
+    dense = lin.dense_mask()
+    x, r = torch.randn(5, 64), torch.randn(5, 48)
+
+    def expected():
+        return F.linear(x.double(), lin.weight.detach().double() * dense, lin.bias.detach().double())
+
+    with torch.no_grad(), mock.patch("capkit.nn.masked_linear.csr_linear", wraps=csr_linear) as kernel:
+        first = lin(x)  # first sighting: the block kernels
+        assert kernel.call_count == 0 and lin._csr_plan is None
+        torch.testing.assert_close(lin(x).double(), expected(), atol=tol(64), rtol=0)
+        assert kernel.call_count == 1 and lin._csr_plan is not None
+        torch.testing.assert_close(lin(x, activation="gelu").double(), F.gelu(expected()), atol=tol(64), rtol=0)
+        torch.testing.assert_close(lin(x, residual=r).double(), expected() + r.double(), atol=tol(64), rtol=0)
+        assert kernel.call_count == 3
+    torch.testing.assert_close(first.double(), expected(), atol=tol(64), rtol=0)
+    opt = torch.optim.AdamW([lin.weight], lr=0.5, fused=True)
+    lin(torch.randn(3, 64)).sum().backward()
+    opt.step()
+    with torch.no_grad():
+        torch.testing.assert_close(lin(x).double(), expected(), atol=tol(64), rtol=0)

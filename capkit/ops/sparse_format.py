@@ -243,8 +243,10 @@ def packed_for_block_mask(weight: torch.Tensor, layout, element_mask=None) -> CS
     state = (tuple((t.data_ptr(), t._version) for t in (layout.row_ptr, layout.col_idx)),
              None if element_mask is None else (element_mask.data_ptr(), element_mask._version))
 
-    def dense_mask():
-        dense = layout.dense_mask()
-        return dense if element_mask is None else dense & (element_mask != 0)
+    return _cached_pack(layout, weight, state, lambda: block_dense_mask(layout, element_mask))
 
-    return _cached_pack(layout, weight, state, dense_mask)
+
+def block_dense_mask(layout, element_mask=None) -> torch.Tensor:
+    """The 0/1 mask of a block layout's live blocks, and of ``element_mask`` inside them."""
+    dense = layout.dense_mask()
+    return dense if element_mask is None else dense & (element_mask != 0)
