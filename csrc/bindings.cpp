@@ -158,7 +158,8 @@ std::tuple<Tensor, Tensor> grad_weight_cpu(const Tensor& grad_out, const Tensor&
 // Unstructured-sparse weight in panelled CSR by output row (capkit/ops/sparse_format.py builds it).
 Tensor csr_linear_forward_cpu(const Tensor& x, const Tensor& ptr, const Tensor& col_idx, const Tensor& values,
                               const OptTensor& bias, int64_t out_features, int64_t panel, int64_t activation,
-                              const OptTensor& residual) {
+                              const OptTensor& residual, bool layer_norm, const OptTensor& ln_weight,
+                              const OptTensor& ln_bias, double ln_eps) {
   check_matrix(x, "x");
   TORCH_CHECK(activation == cpu::kActivationNone || activation == cpu::kActivationGelu,
               "capkit: activation must be 0 (none) or 1 (gelu), got ", activation);
@@ -189,11 +190,27 @@ Tensor csr_linear_forward_cpu(const Tensor& x, const Tensor& ptr, const Tensor& 
                 "capkit: residual must be a contiguous [", M, ", ", N, "] matrix, got ", residual->sizes());
     TORCH_CHECK(activation == cpu::kActivationNone, "capkit: residual and activation cannot be combined");
   }
+  for (const auto* t : {&ln_weight, &ln_bias}) {
+    if (!t->has_value()) continue;
+    TORCH_CHECK(layer_norm, "capkit: ln_weight and ln_bias need layer_norm=True");
+    check_f32_cpu(**t, t == &ln_weight ? "ln_weight" : "ln_bias");
+    TORCH_CHECK((*t)->dim() == 1 && (*t)->size(0) == N && (*t)->is_contiguous(), "capkit: ",
+                t == &ln_weight ? "ln_weight" : "ln_bias", " must be a contiguous vector of length ", N);
+  }
+  TORCH_CHECK(!layer_norm || ln_eps >= 0, "capkit: ln_eps must be >= 0, got ", ln_eps);
+  TORCH_CHECK(!(layer_norm && activation != cpu::kActivationNone),
+              "capkit: layer_norm and activation cannot be combined");
+  cpu::Epilogue ep;
+  ep.activation = static_cast<int>(activation);
+  ep.residual = residual.has_value() ? residual->data_ptr<float>() : nullptr;
+  ep.layer_norm = layer_norm;
+  ep.ln_weight = ln_weight.has_value() ? ln_weight->data_ptr<float>() : nullptr;
+  ep.ln_bias = ln_bias.has_value() ? ln_bias->data_ptr<float>() : nullptr;
+  ep.ln_eps = static_cast<float>(ln_eps);
   Tensor y = new_output({M, N}, x.options());
   cpu::csr_linear_forward_f32(x.data_ptr<float>(), rp, col_idx.data_ptr<int32_t>(), values.data_ptr<float>(),
                               bias.has_value() ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K,
-                              panel, static_cast<int>(activation),
-                              residual.has_value() ? residual->data_ptr<float>() : nullptr);
+                              panel, ep);
   return y;
 }
 
@@ -299,7 +316,8 @@ TORCH_LIBRARY(capkit, m) {
       "Tensor? col_idx, int block_size, bool need_weight_grad, bool need_mask_grad) -> (Tensor, Tensor)");
   m.def(
       "csr_linear_forward(Tensor x, Tensor ptr, Tensor col_idx, Tensor values, Tensor? bias, "
-      "int out_features, int panel, int activation=0, Tensor? residual=None) -> Tensor");
+      "int out_features, int panel, int activation=0, Tensor? residual=None, bool layer_norm=False, "
+      "Tensor? ln_weight=None, Tensor? ln_bias=None, float ln_eps=1e-05) -> Tensor");
   m.def(
       "info_nce_forward(Tensor qs, Tensor keys, Tensor? key_scale, Tensor qid, Tensor kid, Tensor? qlab, "
       "Tensor? klab, Tensor? self_index) -> Tensor");

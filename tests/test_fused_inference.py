@@ -333,3 +333,70 @@ def test_block_masks_reuse_the_csr_decision_and_follow_fused_optimiser_updates(e
     opt.step()
     with torch.no_grad():
         torch.testing.assert_close(lin(x).double(), expected(), atol=tol(64), rtol=0)
+
+
+def _reference_layer_norm(y, ln):
+    w = None if ln.weight is None else ln.weight.detach().double()
+    b = None if ln.bias is None else ln.bias.detach().double()
+    return F.layer_norm(y, ln.normalized_shape, w, b, ln.eps)
+
+
+@pytest.mark.parametrize("shape", [(1, 7, 19), (5, 40, 70), (16, 24, 33), (3, 20, 64), (130, 100, 50), (200, 32, 96),
+                                   (577, 45, 300)])  # 64 and 96 outputs: the vector path (16 floats a step)
+@pytest.mark.parametrize("threads", [1, 3])
+def test_layer_norm_in_the_kernel_matches_reference(shape, threads):
+    """dense + residual + LayerNorm in one kernel call, on both schedules (a token's rows in one
+    task, or split over tasks and normalised afterwards), with and without the affine parameters."""
+    m_, k, n = shape
+    g = torch.Generator().manual_seed(n + k)
+    x, w, b = torch.randn(m_, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    r = torch.randn(m_, n, generator=g)
+    mask = torch.rand(n, k, generator=g) < 0.2
+    w[~mask] = float("nan")
+    packed = pack_csr(w, mask)
+    lin = F.linear(x.double(), torch.where(mask, w.double(), torch.zeros((), dtype=torch.float64)), b.double())
+    norms = [torch.nn.LayerNorm(n, eps=1e-12), torch.nn.LayerNorm(n, elementwise_affine=False),
+             torch.nn.LayerNorm(n, bias=False)]
+    with torch.no_grad():
+        norms[0].weight.normal_(generator=g)
+        norms[0].bias.normal_(generator=g)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for ln in norms:
+            for res in (r, None):
+                y = csr_linear(x, packed, b, residual=res, layer_norm=ln)
+                ref = _reference_layer_norm(lin + (0 if res is None else res.double()), ln)
+                torch.testing.assert_close(y.double(), ref, atol=2e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_layer_norm_arguments_are_checked():
+    p = pack_csr(torch.randn(3, 4), torch.ones(3, 4, dtype=torch.bool))
+    x = torch.randn(2, 4)
+    with pytest.raises(ValueError, match="layer_norm"):
+        csr_linear(x, p, None, layer_norm=torch.nn.LayerNorm(4))  # over 4, not the 3 outputs
+    with pytest.raises(ValueError, match="combined"):
+        csr_linear(x, p, None, activation="gelu", layer_norm=torch.nn.LayerNorm(3))
+    op = torch.ops.capkit.csr_linear_forward
+    with pytest.raises(RuntimeError, match="layer_norm"):
+        op(x, p.ptr, p.col_idx, p.values, None, 3, p.panel, 0, None, False, torch.ones(3))
+    with pytest.raises(RuntimeError, match="ln_bias"):
+        op(x, p.ptr, p.col_idx, p.values, None, 3, p.panel, 0, None, True, None, torch.ones(5))
+
+
+def test_masked_linear_layer_norm_on_every_path(csr_threshold):
+    x, r = torch.randn(2, 9, 40), torch.randn(2, 9, 31)
+    ln = torch.nn.LayerNorm(31)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.normal_()
+        for density in (0.1, 0.9):
+            lin = _sparse_layer(density=density)
+            expected = ln(lin(x) + r)
+            for _ in range(2):  # the second call takes the cached decision
+                torch.testing.assert_close(lin(x, residual=r, layer_norm=ln), expected, atol=2e-5, rtol=1e-5)
+            torch.testing.assert_close(lin(x, layer_norm=ln), ln(lin(x)), atol=2e-5, rtol=1e-5)
+            other = torch.nn.LayerNorm((9, 31))  # over two dimensions, not the kernel's case: applied after
+            torch.testing.assert_close(lin(x, residual=r, layer_norm=other), other(lin(x) + r))

@@ -1,9 +1,9 @@
 """Inference fusions for loaded sparse models.
 
-Two steps of a BERT-family layer that follow a linear layer can run inside the CSR kernel, on
-each output tile while the tile is still in cache, instead of as a separate pass over the whole
-activation: the exact (erf) GELU after ``intermediate.dense``, and the residual connection after
-``attention.output.dense`` and ``output.dense`` (``LayerNorm(dense(h) + input)``).
+The steps of a BERT-family layer that follow a linear layer can run inside the CSR kernel, on
+each output tile while the tile is still in cache, instead of as separate passes over the whole
+activation: the exact (erf) GELU after ``intermediate.dense``, and the residual connection and
+LayerNorm after ``attention.output.dense`` and ``output.dense`` (``LayerNorm(dense(h) + input)``).
 :func:`fuse_for_inference` swaps such blocks for :class:`GeluIntermediate` and
 :class:`ResidualOutput`. Both keep the same submodules (the state dict, and so saving and
 loading, are unchanged) and give the same output on every path: where the CSR kernel does not run
@@ -56,8 +56,8 @@ class GeluIntermediate(nn.Module):
 
 
 class ResidualOutput(nn.Module):
-    """``LayerNorm(dropout(dense(h)) + input_tensor)`` with the sum inside the CSR kernel when
-    that kernel runs and the dropout is inactive; a drop-in for a transformers ``*SelfOutput`` /
+    """``LayerNorm(dropout(dense(h)) + input_tensor)`` with the sum and the LayerNorm inside the
+    CSR kernel when that kernel runs and the dropout is inactive; a drop-in for a transformers ``*SelfOutput`` /
     ``*Output`` block (``dense``, ``dropout``, ``LayerNorm``)."""
 
     def __init__(self, dense: MaskedLinear, LayerNorm: nn.LayerNorm, dropout: nn.Dropout):  # noqa: N803
@@ -74,7 +74,7 @@ class ResidualOutput(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
         if isinstance(self.dense, MaskedLinear) and not (self.dropout.training and self.dropout.p > 0):
-            return self.LayerNorm(self.dense(hidden_states, residual=input_tensor))
+            return self.dense(hidden_states, residual=input_tensor, layer_norm=self.LayerNorm)
         return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
 
 

@@ -12,7 +12,7 @@ from capkit.nn._watch import ChangeWatch
 from capkit.ops import BlockMask, NMMask, masked_linear
 from capkit.ops._backends import apply_mask, effective_mask
 from capkit.ops.sparse_format import (CSRWeight, block_csr_applies, block_dense_mask, csr_applies, csr_linear,
-                                      pack_csr)
+                                      layer_norm_fits, pack_csr)
 
 __all__ = ["MaskedLinear", "TopKStraightThrough", "prepared_masks"]
 
@@ -231,28 +231,37 @@ class MaskedLinear(nn.Module):
                           if self._fixed_mask_source() is mask else None)
 
     def forward(self, x: torch.Tensor, activation: Optional[str] = None,
-                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``x @ (weight * mask)^T + bias``, then (one of the two) ``activation`` (None, or
-        ``"gelu"``: the exact, erf GELU) or ``+ residual`` (a tensor of the output's shape). The CSR
-        inference kernel applies either inside the kernel; other paths add a step after the layer."""
+                residual: Optional[torch.Tensor] = None, layer_norm: Optional[nn.LayerNorm] = None) -> torch.Tensor:
+        """``x @ (weight * mask)^T + bias``, then either ``activation`` (None, or ``"gelu"``: the
+        exact, erf GELU) or ``+ residual`` (a tensor of the output's shape) and/or ``layer_norm``
+        (an ``nn.LayerNorm`` applied last). The CSR inference kernel applies them inside the
+        kernel; other paths add the steps after the layer."""
         if activation is not None and activation != "gelu":
             raise ValueError(f"MaskedLinear: activation must be None or 'gelu', got {activation!r}")
-        if activation is not None and residual is not None:
-            raise ValueError("MaskedLinear: activation and residual cannot be combined")
+        if activation is not None and (residual is not None or layer_norm is not None):
+            raise ValueError("MaskedLinear: activation cannot be combined with residual or layer_norm")
         if residual is not None and (residual.dtype != torch.float32 or not residual.is_cpu
                                      or residual.shape != (*x.shape[:-1], self.out_features)):
-            return self.forward(x) + residual  # not the kernel's case: the plain sum (broadcast included)
+            y = self.forward(x) + residual  # not the kernel's case: the plain sum (broadcast included)
+            return y if layer_norm is None else layer_norm(y)
+        if layer_norm is not None and not layer_norm_fits(layer_norm, self.out_features):
+            y = self.forward(x, residual=residual)
+            return layer_norm(y)
         if self._csr_plan_holds(x):
-            return csr_linear(x, self._csr_plan[5], self.bias, activation, residual)
-        y, applied = self._linear(x, activation, residual)
+            return csr_linear(x, self._csr_plan[5], self.bias, activation, residual, layer_norm)
+        y, applied = self._linear(x, activation, residual, layer_norm)
         if applied:
             return y
         if activation == "gelu":
             return torch.nn.functional.gelu(y)
-        return y if residual is None else y + residual
+        if residual is not None:
+            y = y + residual
+        return y if layer_norm is None else layer_norm(y)
 
-    def _linear(self, x: torch.Tensor, activation: Optional[str], residual: Optional[torch.Tensor] = None):
-        """The layer's output and whether ``activation`` / ``residual`` are already applied to it."""
+    def _linear(self, x: torch.Tensor, activation: Optional[str], residual: Optional[torch.Tensor] = None,
+                layer_norm: Optional[nn.LayerNorm] = None):
+        """The layer's output and whether the steps after it (``activation``, ``residual``,
+        ``layer_norm``) are already applied."""
         mask = self.current_mask()
         if torch.compiler.is_compiling():
             # Traced by torch.compile: one custom-op call (the pre-folded shortcut keeps a cache
@@ -266,7 +275,7 @@ class MaskedLinear(nn.Module):
                 and block_csr_applies(x, self.weight, mask.layout, mask.mask, self.bias, self.backend)):
             packed = self.packed_weight(mask)
             self._remember_csr_call(mask, packed)
-            return csr_linear(x, packed, self.bias, activation, residual), True
+            return csr_linear(x, packed, self.bias, activation, residual, layer_norm), True
         # Inference with an unstructured mask too dense for the CSR kernel, or an N:M mask, already
         # folded into the weight: the dense GEMM is the fastest measured path, so run it without
         # re-applying the mask (block masks go to the block-sparse kernels).

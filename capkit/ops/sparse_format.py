@@ -100,35 +100,56 @@ def pack_csr(weight: torch.Tensor, mask: torch.Tensor, panel: Optional[int] = No
 ACTIVATIONS = (None, "gelu")
 
 
+def layer_norm_fits(layer_norm, out_features: int) -> bool:
+    """Whether the kernel can apply ``layer_norm`` (an ``nn.LayerNorm``) to a layer's outputs: over
+    exactly the ``out_features`` outputs, with fp32 CPU parameters (or none)."""
+    if not isinstance(layer_norm, torch.nn.LayerNorm) or tuple(layer_norm.normalized_shape) != (out_features,):
+        return False
+    return all(p is None or (p.dtype == torch.float32 and p.is_cpu) for p in (layer_norm.weight, layer_norm.bias))
+
+
 def csr_linear(x: torch.Tensor, packed: CSRWeight, bias: Optional[torch.Tensor] = None,
-               activation: Optional[str] = None, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+               activation: Optional[str] = None, residual: Optional[torch.Tensor] = None,
+               layer_norm: Optional[torch.nn.LayerNorm] = None) -> torch.Tensor:
     """``x @ (W * M)^T + bias`` with the C++ kernel; ``x [..., in]`` fp32 on the CPU, no autograd.
-    Applied inside the kernel, on each output tile while it is still in cache (one of the two):
+    Applied inside the kernel, on each output tile while it is still in cache: either
     ``activation="gelu"``, the exact (erf) GELU (a BERT feed-forward's first layer and its
-    activation in one pass); ``residual``, a tensor of the output's shape added to it (a BERT
-    sub-layer's residual connection)."""
+    activation in one pass), or ``residual``, a tensor of the output's shape added to it, and/or
+    ``layer_norm``, an ``nn.LayerNorm`` over the outputs applied last (a BERT sub-layer's dense,
+    residual connection and LayerNorm in one pass)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"csr_linear: activation must be None or 'gelu', got {activation!r}")
     out_f, in_f = packed.shape
     if x.dim() == 0 or x.shape[-1] != in_f:
         raise ValueError(f"csr_linear: x's last dimension must be the weight's in_features ({in_f}), "
                          f"got x of shape {tuple(x.shape)}")
+    if activation is not None and (residual is not None or layer_norm is not None):
+        raise ValueError("csr_linear: activation cannot be combined with residual or layer_norm")
+    if layer_norm is not None and not layer_norm_fits(layer_norm, out_f):
+        raise ValueError(f"csr_linear: layer_norm must be an nn.LayerNorm over the {out_f} outputs with fp32 CPU "
+                         f"parameters, got {layer_norm!r}")
     lead = x.shape[:-1]
     x2d = x.reshape(-1, in_f).contiguous()
     b = None if bias is None else bias.contiguous()
     op = torch.ops.capkit.csr_linear_forward
+    if residual is None and layer_norm is None:
+        if activation is None:
+            y = op(x2d, packed.ptr, packed.col_idx, packed.values, b, out_f, packed.panel)
+        else:
+            y = op(x2d, packed.ptr, packed.col_idx, packed.values, b, out_f, packed.panel, 1)
+        return y.view(*lead, out_f)
     if residual is not None:
-        if activation is not None:
-            raise ValueError("csr_linear: activation and residual cannot be combined")
         if tuple(residual.shape) != (*lead, out_f):
             raise ValueError(f"csr_linear: residual must have the output's shape {(*lead, out_f)}, "
                              f"got {tuple(residual.shape)}")
-        y = op(x2d, packed.ptr, packed.col_idx, packed.values, b, out_f, packed.panel, 0,
-               residual.reshape(-1, out_f).contiguous())
-    elif activation is None:
-        y = op(x2d, packed.ptr, packed.col_idx, packed.values, b, out_f, packed.panel)
+        residual = residual.reshape(-1, out_f).contiguous()
+    if layer_norm is None:
+        y = op(x2d, packed.ptr, packed.col_idx, packed.values, b, out_f, packed.panel, 0, residual)
     else:
-        y = op(x2d, packed.ptr, packed.col_idx, packed.values, b, out_f, packed.panel, 1)
+        w_ln, b_ln = layer_norm.weight, layer_norm.bias
+        y = op(x2d, packed.ptr, packed.col_idx, packed.values, b, out_f, packed.panel, 0, residual, True,
+               None if w_ln is None else w_ln.detach().contiguous(),
+               None if b_ln is None else b_ln.detach().contiguous(), float(layer_norm.eps))
     return y.view(*lead, out_f)
 
 

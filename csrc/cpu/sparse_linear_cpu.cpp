@@ -343,6 +343,84 @@ void add_into(float* y, const float* r, int64_t n) {
   add_scalar(y, r, n);
 }
 
+// LayerNorm of one token's outputs in place: (v - mean) / sqrt(var + eps) * w + b (w, b
+// nullable), mean and variance in two passes over the row (in cache). The body is compiled for
+// each instruction set below (inlined into a function of that target, so the loops vectorise).
+__attribute__((always_inline)) inline void layer_norm_body(float* v, int64_t n, const float* w, const float* b,
+                                                           float eps) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) sum += v[i];
+  const float mean = sum / static_cast<float>(n);
+  float sq = 0.0f;
+#pragma omp simd reduction(+ : sq)
+  for (int64_t i = 0; i < n; ++i) sq += (v[i] - mean) * (v[i] - mean);
+  const float rstd = 1.0f / std::sqrt(sq / static_cast<float>(n) + eps);
+  if (w && b) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) v[i] = (v[i] - mean) * rstd * w[i] + b[i];
+  } else if (w) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) v[i] = (v[i] - mean) * rstd * w[i];
+  } else if (b) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) v[i] = (v[i] - mean) * rstd + b[i];
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) v[i] = (v[i] - mean) * rstd;
+  }
+}
+
+void layer_norm_scalar(float* v, int64_t n, const float* w, const float* b, float eps) {
+  layer_norm_body(v, n, w, b, eps);
+}
+#ifdef CAPKIT_X86
+__attribute__((target("avx512f"))) void layer_norm_avx512(float* v, int64_t n, const float* w, const float* b,
+                                                        float eps) {
+  if (n % 16 != 0) return layer_norm_body(v, n, w, b, eps);
+  __m512 s0 = _mm512_setzero_ps(), s1 = s0;
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    s0 = _mm512_add_ps(s0, _mm512_loadu_ps(v + i));
+    s1 = _mm512_add_ps(s1, _mm512_loadu_ps(v + i + 16));
+  }
+  for (; i < n; i += 16) s0 = _mm512_add_ps(s0, _mm512_loadu_ps(v + i));
+  const float mean = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1)) / static_cast<float>(n);
+  const __m512 vmean = _mm512_set1_ps(mean);
+  __m512 q0 = _mm512_setzero_ps(), q1 = q0;
+  for (i = 0; i + 32 <= n; i += 32) {
+    const __m512 d0 = _mm512_sub_ps(_mm512_loadu_ps(v + i), vmean);
+    const __m512 d1 = _mm512_sub_ps(_mm512_loadu_ps(v + i + 16), vmean);
+    q0 = _mm512_fmadd_ps(d0, d0, q0);
+    q1 = _mm512_fmadd_ps(d1, d1, q1);
+  }
+  for (; i < n; i += 16) {
+    const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(v + i), vmean);
+    q0 = _mm512_fmadd_ps(d, d, q0);
+  }
+  const float var = _mm512_reduce_add_ps(_mm512_add_ps(q0, q1)) / static_cast<float>(n);
+  const __m512 vrstd = _mm512_set1_ps(1.0f / std::sqrt(var + eps));
+  for (i = 0; i < n; i += 16) {
+    __m512 y = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(v + i), vmean), vrstd);
+    if (w) y = _mm512_mul_ps(y, _mm512_loadu_ps(w + i));
+    if (b) y = _mm512_add_ps(y, _mm512_loadu_ps(b + i));
+    _mm512_storeu_ps(v + i, y);
+  }
+}
+__attribute__((target("avx2,fma"))) void layer_norm_avx2(float* v, int64_t n, const float* w, const float* b,
+                                                       float eps) {
+  layer_norm_body(v, n, w, b, eps);
+}
+#endif
+
+void layer_norm_row(float* v, int64_t n, const Epilogue& ep) {
+#ifdef CAPKIT_X86
+  if (kAvx512) return layer_norm_avx512(v, n, ep.ln_weight, ep.ln_bias, ep.ln_eps);
+  if (kAvx2) return layer_norm_avx2(v, n, ep.ln_weight, ep.ln_bias, ep.ln_eps);
+#endif
+  layer_norm_scalar(v, n, ep.ln_weight, ep.ln_bias, ep.ln_eps);
+}
+
 void apply_activation(int activation, float* v, int64_t n) {
   if (activation != kActivationGelu) return;
 #ifdef CAPKIT_X86
@@ -370,7 +448,7 @@ void transpose_tile(const float* x, int64_t M, int64_t K, int64_t tile, int64_t 
 // [nrows][tok] buffer holding the partial sums between panels, then transposed into y.
 void rows_of_tile(const float* xtile, int64_t tok, int64_t m0, int64_t ntok, int64_t n0, int64_t nrows,
                   const int32_t* ptr, const int32_t* col_idx, const float* values, const float* bias, float* out,
-                  float* y, int64_t N, int64_t n_panels, int activation, const float* residual) {
+                  float* y, int64_t N, int64_t n_panels, const Epilogue& ep, bool norm_here) {
   const int nvec = static_cast<int>(cdiv(ntok, 8));
   for (int64_t p = 0; p < n_panels; ++p) {
     const int32_t* pp = ptr + p * N;
@@ -394,11 +472,14 @@ void rows_of_tile(const float* xtile, int64_t tok, int64_t m0, int64_t ntok, int
       row_scalar(xtile, tok, col_idx, values, e0, e1, b0, acc_out, nvec, o);
     }
   }
-  apply_activation(activation, out, nrows * tok);
+  apply_activation(ep.activation, out, nrows * tok);
   // out [rows][tokens] -> y [tokens][rows]
   transpose_block(out, tok, nrows, ntok, y + m0 * N + n0, N);
-  if (residual)  // y += residual on the block just written (still in cache)
-    for (int64_t t = 0; t < ntok; ++t) add_into(y + (m0 + t) * N + n0, residual + (m0 + t) * N + n0, nrows);
+  for (int64_t t = 0; t < ntok; ++t) {  // on the block just written (still in cache)
+    float* yr = y + (m0 + t) * N + n0;
+    if (ep.residual) add_into(yr, ep.residual + (m0 + t) * N + n0, nrows);
+    if (norm_here) layer_norm_row(yr, nrows, ep);  // whole rows: nrows == N
+  }
 }
 
 // Grow-only scratch of the calling thread (two of them): fresh pages for every call cost a fault each.
@@ -417,7 +498,7 @@ float* scratch(size_t n) {
 
 void csr_linear_forward_f32(const float* x, const int32_t* ptr, const int32_t* col_idx, const float* values,
                             const float* bias, float* y, int64_t M, int64_t N, int64_t K, int64_t panel,
-                            int activation, const float* residual) {
+                            const Epilogue& ep) {
   if (M == 0 || N == 0) return;
   const int64_t n_panels = panel > 0 && K > 0 ? cdiv(K, panel) : 1;
   const int threads = cpu_max_threads();
@@ -444,8 +525,8 @@ void csr_linear_forward_f32(const float* x, const int32_t* ptr, const int32_t* c
       for (int64_t tile = 0; tile < n_tiles; ++tile) {
         const int64_t m0 = tile * tok, ntok = std::min<int64_t>(tok, M - m0);
         transpose_tile(x, M, K, tile, tok, xtile);
-        rows_of_tile(xtile, tok, m0, ntok, 0, N, ptr, col_idx, values, bias, out, y, N, n_panels, activation,
-                     residual);
+        rows_of_tile(xtile, tok, m0, ntok, 0, N, ptr, col_idx, values, bias, out, y, N, n_panels, ep,
+                     ep.layer_norm);
       }
     }
     return;
@@ -465,7 +546,11 @@ void csr_linear_forward_f32(const float* x, const int32_t* ptr, const int32_t* c
       const int64_t tile = task / n_chunks, n0 = (task % n_chunks) * kRowChunk;
       const int64_t m0 = tile * tok, ntok = std::min<int64_t>(tok, M - m0);
       rows_of_tile(xtb + tile * tile_floats, tok, m0, ntok, n0, std::min<int64_t>(kRowChunk, N - n0), ptr, col_idx,
-                   values, bias, out, y, N, n_panels, activation, residual);
+                   values, bias, out, y, N, n_panels, ep, false);
+    }
+    if (ep.layer_norm) {  // the rows of a token were split over tasks: normalise once all are done
+#pragma omp for schedule(static)
+      for (int64_t m = 0; m < M; ++m) layer_norm_row(y + m * N, N, ep);
     }
   }
 }

@@ -9,8 +9,11 @@
 //   y [M, N] = x [M, K] @ W^T + bias, x and y row-major and contiguous, fp32 accumulation.
 // activation = kActivationGelu applies the exact (erf) GELU to y on the way out (within 2e-7 of
 // the float64 value times |y|): a BERT feed-forward's first layer and its activation in one pass.
-// residual (nullable, [M, N] row-major) is added last: y = x @ W^T + bias + residual, the
-// residual connection of a BERT sub-layer in the same pass (activation and residual exclusive).
+// residual (nullable, [M, N] row-major) is added after that: y = x @ W^T + bias + residual, the
+// residual connection of a BERT sub-layer in the same pass (activation and residual exclusive);
+// layer_norm then normalises each row of y over its N outputs (LayerNorm with ln_weight and
+// ln_bias, each nullable, and ln_eps), so that a BERT sub-layer's dense, residual and LayerNorm
+// are one pass.
 // The same kernel gives dx = dy @ W when it is handed the CSR of W^T (rows = input features).
 #pragma once
 #include <cstdint>
@@ -21,9 +24,18 @@ namespace cpu {
 constexpr int kActivationNone = 0;
 constexpr int kActivationGelu = 1;
 
+struct Epilogue {
+  int activation = kActivationNone;
+  const float* residual = nullptr;
+  bool layer_norm = false;
+  const float* ln_weight = nullptr;
+  const float* ln_bias = nullptr;
+  float ln_eps = 1e-5f;
+};
+
 void csr_linear_forward_f32(const float* x, const int32_t* ptr, const int32_t* col_idx, const float* values,
                             const float* bias, float* y, int64_t M, int64_t N, int64_t K, int64_t panel,
-                            int activation = kActivationNone, const float* residual = nullptr);
+                            const Epilogue& epilogue = Epilogue());
 
 }  // namespace cpu
 }  // namespace capkit
