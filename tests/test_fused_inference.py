@@ -400,3 +400,23 @@ def test_masked_linear_layer_norm_on_every_path(csr_threshold):
             torch.testing.assert_close(lin(x, layer_norm=ln), ln(lin(x)), atol=2e-5, rtol=1e-5)
             other = torch.nn.LayerNorm((9, 31))  # over two dimensions, not the kernel's case: applied after
             torch.testing.assert_close(lin(x, residual=r, layer_norm=other), other(lin(x) + r))
+
+
+def test_fused_blocks_compile_in_one_graph(csr_threshold):
+    """torch.compile of a fused model: one frame, the same logits as eager (the graph runs the
+    layers through the capkit::masked_linear op and the steps after them)."""
+    import torch._dynamo
+    import torch._dynamo.testing
+    from _models import token_batch
+
+    torch._dynamo.reset()
+    model = _pruned_tiny_bert()
+    fuse_for_inference(model)
+    batch = token_batch(model.config)
+    with torch.no_grad():
+        eager = model(**batch).logits
+        counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(model, backend=counter, fullgraph=True)
+        for _ in range(2):
+            torch.testing.assert_close(compiled(**batch).logits, eager, atol=1e-5, rtol=1e-5)
+    assert counter.frame_count == 1
