@@ -420,3 +420,32 @@ def test_fused_blocks_compile_in_one_graph(csr_threshold):
         for _ in range(2):
             torch.testing.assert_close(compiled(**batch).logits, eager, atol=1e-5, rtol=1e-5)
     assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("kind", ["bool", "block"])
+def test_a_model_loaded_under_inference_mode_runs(tmp_path, kind, monkeypatch):
+    """Tensors made under torch.inference_mode keep no version counter: a model loaded inside it
+    (its weights and masks are such tensors) must still run, on the CSR kernel, with the fusions."""
+    import capkit
+    from capkit.export import save
+    from capkit.ops import BlockMask
+    from _models import token_batch
+
+    monkeypatch.setattr(sparse_format, "csr_max_density", lambda dtype=torch.float32: 1.0)
+    model = _pruned_tiny_bert()
+    if kind == "block":
+        g = torch.Generator().manual_seed(2)
+        for m in model.modules():
+            if isinstance(m, MaskedLinear):
+                grid = torch.rand(-(-m.out_features // 16), -(-m.in_features // 16), generator=g) < 0.4
+                grid[0, 0] = True
+                m.set_mask(BlockMask.from_block_grid(grid, 16, (m.out_features, m.in_features)))
+    batch = token_batch(model.config)
+    with torch.no_grad():
+        expected = model(**batch).logits
+    save(model, tmp_path / "sparse", format="sparse")
+    with torch.inference_mode(), mock.patch("capkit.nn.masked_linear.csr_linear", wraps=csr_linear) as kernel:
+        loaded = capkit.load(tmp_path / "sparse")
+        for _ in range(3):
+            torch.testing.assert_close(loaded(**batch).logits, expected, atol=1e-5, rtol=1e-5)
+    assert kernel.call_count > 0

@@ -13,6 +13,8 @@ from typing import Hashable, Optional
 
 import torch
 
+from capkit.ops.sparse_format import tensor_version
+
 __all__ = ["ChangeWatch"]
 
 
@@ -43,18 +45,18 @@ class ChangeWatch:
 
     def changed(self, t: torch.Tensor, extra: Hashable = None) -> bool:
         self._watch(t)
-        return self._grad_since or self._state != (t.data_ptr(), t._version, extra)
+        return self._grad_since or self._state != (t.data_ptr(), tensor_version(t), extra)
 
     def seen(self, t: torch.Tensor, extra: Hashable = None) -> None:
         self._watch(t)
-        self._state = (t.data_ptr(), t._version, extra)
+        self._state = (t.data_ptr(), tensor_version(t), extra)
         self._grad_since = False
 
     def unchanged_since_seen(self, extra: Hashable = None) -> bool:
         """The cheap half of ``not changed()``: the tensor last seen had no gradient and no
         version bump since, and ``extra`` is the same (replacement and lost hooks are not checked)."""
         t, state = self._tensor, self._state
-        return (t is not None and not self._grad_since and state is not None and state[1] == t._version
+        return (t is not None and not self._grad_since and state is not None and state[1] == tensor_version(t)
                 and state[2] == extra)
 
     def __getstate__(self):  # hooks do not travel: a copy starts unknown and watches again

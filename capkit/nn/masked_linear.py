@@ -12,7 +12,7 @@ from capkit.nn._watch import ChangeWatch
 from capkit.ops import BlockMask, NMMask, masked_linear
 from capkit.ops._backends import apply_mask, effective_mask
 from capkit.ops.sparse_format import (CSRWeight, block_csr_applies, block_dense_mask, csr_applies, csr_linear,
-                                      layer_norm_fits, pack_csr)
+                                      layer_norm_fits, pack_csr, tensor_version)
 
 __all__ = ["MaskedLinear", "TopKStraightThrough", "prepared_masks"]
 
@@ -40,8 +40,8 @@ def _mask_state(mask) -> tuple:
     was built from the mask."""
     if isinstance(mask, BlockMask):
         tensors = (mask.layout.row_ptr, mask.layout.col_idx) + (() if mask.mask is None else (mask.mask,))
-        return tuple((t.data_ptr(), t._version) for t in tensors)
-    return (mask.data_ptr(), mask._version)
+        return tuple((t.data_ptr(), tensor_version(t)) for t in tensors)
+    return (mask.data_ptr(), tensor_version(mask))
 
 
 class MaskedLinear(nn.Module):
@@ -146,7 +146,7 @@ class MaskedLinear(nn.Module):
         if self._structured is not None:
             return self._structured
         if self.block_size is not None:
-            version = (self.mask.data_ptr(), self.mask._version)
+            version = (self.mask.data_ptr(), tensor_version(self.mask))
             if self._block_cache is None or self._block_cache[0] != version:
                 self._block_cache = (version, BlockMask.from_dense(self.mask, self.block_size))
             return self._block_cache[1]
@@ -175,7 +175,7 @@ class MaskedLinear(nn.Module):
         """Whether ``weight`` is zero wherever ``mask`` is (true for models loaded from an
         export); checked again only when the weight or the mask may have changed."""
         dense = mask.to_dense() if isinstance(mask, NMMask) else mask
-        mask_state = (dense.data_ptr(), dense._version)
+        mask_state = (dense.data_ptr(), tensor_version(dense))
         if self._prefolded_watch.changed(self.weight, mask_state):
             self._prefolded = not bool(((self.weight.detach() != 0) & (dense == 0)).any())
             self._prefolded_watch.seen(self.weight, mask_state)
@@ -205,7 +205,7 @@ class MaskedLinear(nn.Module):
         if self.block_size is not None:
             cache = self._block_cache
             mask = self.mask
-            return cache[1] if cache is not None and cache[0] == (mask.data_ptr(), mask._version) else None
+            return cache[1] if cache is not None and cache[0] == (mask.data_ptr(), tensor_version(mask)) else None
         return self.mask
 
     def _csr_plan_holds(self, x: torch.Tensor) -> bool:
@@ -221,13 +221,13 @@ class MaskedLinear(nn.Module):
             return False
         source, state, bias = plan[0], plan[1], plan[2]
         return (self._fixed_mask_source() is source and _mask_state(source) == state
-                and self.bias is bias and (bias is None or bias._version == plan[3]) and self.backend == plan[4]
+                and self.bias is bias and (bias is None or tensor_version(bias) == plan[3]) and self.backend == plan[4]
                 and self.weight is self._csr_watch._tensor and self._csr_watch.unchanged_since_seen(state)
                 and x.dtype == torch.float32 and x.is_cpu and not torch.is_autocast_enabled("cpu"))
 
     def _remember_csr_call(self, mask, packed: CSRWeight) -> None:
         bias = self.bias
-        self._csr_plan = ((mask, _mask_state(mask), bias, None if bias is None else bias._version, self.backend, packed)
+        self._csr_plan = ((mask, _mask_state(mask), bias, None if bias is None else tensor_version(bias), self.backend, packed)
                           if self._fixed_mask_source() is mask else None)
 
     def forward(self, x: torch.Tensor, activation: Optional[str] = None,

@@ -31,7 +31,7 @@ import torch
 from capkit.ops._backends import choose_backend, get_backend
 from capkit.ops.masks import BlockLayout
 from capkit.ops.sparse_format import (block_csr_applies, csr_applies, csr_linear, packed_for_block_mask,
-                                      packed_for_mask)
+                                      packed_for_mask, tensor_version)
 
 __all__ = ["CUSTOM_OPS", "layout_tensors"]
 
@@ -56,7 +56,7 @@ def _layout(shape, row_ptr, col_idx, col_ptr, row_idx, block_size) -> Optional[B
     if row_ptr is None:
         return None
     tensors = (row_ptr, col_idx, col_ptr, row_idx)
-    state = tuple((t.data_ptr(), t._version) for t in tensors) + (tuple(shape), int(block_size))
+    state = tuple((t.data_ptr(), tensor_version(t)) for t in tensors) + (tuple(shape), int(block_size))
     hit = _LAYOUTS.get(id(row_ptr))
     if hit is not None and hit[0]() is row_ptr and hit[1] == state:
         return hit[2]

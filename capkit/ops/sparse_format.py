@@ -97,6 +97,13 @@ def pack_csr(weight: torch.Tensor, mask: torch.Tensor, panel: Optional[int] = No
         return CSRWeight(ptr, cols.to(torch.int32).contiguous(), values.contiguous(), (out_f, in_f), panel)
 
 
+def tensor_version(t: torch.Tensor) -> int:
+    """``t._version``, the counter of in-place writes, or -1 for a tensor made under
+    ``torch.inference_mode`` (e.g. a model loaded inside it), which keeps none: writes to such a
+    tensor (possible only in inference mode) cannot be seen, so caches built from it stay."""
+    return -1 if t.is_inference() else t._version
+
+
 ACTIVATIONS = (None, "gelu")
 
 
@@ -204,7 +211,7 @@ def _eligible(x: torch.Tensor, weight: torch.Tensor, mask, bias, backend: str) -
 
 
 def _density(mask: torch.Tensor) -> float:
-    state = (mask.data_ptr(), mask._version)
+    state = (mask.data_ptr(), tensor_version(mask))
     cached = getattr(mask, "_capkit_density", None)
     if cached is None or cached[0] != state:
         cached = (state, float(torch.count_nonzero(mask)) / max(1, mask.numel()))
@@ -220,7 +227,7 @@ def csr_applies(x: torch.Tensor, weight: torch.Tensor, mask, bias=None, backend:
 def _cached_pack(holder, weight: torch.Tensor, state: tuple, dense_mask) -> CSRWeight:
     """The CSR cached on ``holder`` (a mask tensor or a block layout) for this weight object and
     ``state``; otherwise ``pack_csr(weight, dense_mask())``, cached there."""
-    state = (weight.data_ptr(), weight._version) + state
+    state = (weight.data_ptr(), tensor_version(weight)) + state
     cached = getattr(holder, "_capkit_csr", None)
     if cached is not None and cached[0]() is weight and cached[1] == state:
         return cached[2]
@@ -232,7 +239,7 @@ def _cached_pack(holder, weight: torch.Tensor, state: tuple, dense_mask) -> CSRW
 def packed_for_mask(weight: torch.Tensor, mask: torch.Tensor) -> CSRWeight:
     """The CSR of ``weight * mask``, cached on the mask tensor and rebuilt only when the weight
     (another tensor, or written in place) or the mask changed."""
-    return _cached_pack(mask, weight, (mask.data_ptr(), mask._version), lambda: mask)
+    return _cached_pack(mask, weight, (mask.data_ptr(), tensor_version(mask)), lambda: mask)
 
 
 def block_csr_applies(x: torch.Tensor, weight: torch.Tensor, layout, element_mask=None, bias=None,
@@ -261,8 +268,8 @@ def packed_for_block_mask(weight: torch.Tensor, layout, element_mask=None) -> CS
     """The CSR of ``weight`` inside the live blocks of ``layout`` (and where ``element_mask`` is
     nonzero, if given), cached on the layout and rebuilt only when the weight, the layout's
     tensors or the element mask changed."""
-    state = (tuple((t.data_ptr(), t._version) for t in (layout.row_ptr, layout.col_idx)),
-             None if element_mask is None else (element_mask.data_ptr(), element_mask._version))
+    state = (tuple((t.data_ptr(), tensor_version(t)) for t in (layout.row_ptr, layout.col_idx)),
+             None if element_mask is None else (element_mask.data_ptr(), tensor_version(element_mask)))
 
     return _cached_pack(layout, weight, state, lambda: block_dense_mask(layout, element_mask))
 
