@@ -8,9 +8,10 @@ capkit's ops, ``backend="auto"``), and timed against two baselines of the dense 
 from: torch dense (eager, ``inference_mode``) and ONNX Runtime dense (the model exported through
 ``torch.onnx``, CPU execution provider, ``intra_op_num_threads`` = torch's threads, one inter-op
 thread, every graph optimisation). The two torch models run on the same inputs in interleaved
-rounds, so they see the same machine; ONNX Runtime is timed after them in a block of its own,
-with its threads spinning between runs as it does by default (its best latency; interleaved, the
-spinning threads would slow the torch call after each of its runs). ONNX Runtime is optional
+rounds, so they see the same machine; ONNX Runtime is timed in blocks of its own between them
+(three parts, each torch rounds then an ONNX Runtime block, so a drifting load reaches both), with
+its threads spinning between runs as it does by default (its best latency; interleaved call by
+call, the spinning threads would slow the torch call after each of its runs). ONNX Runtime is optional
 (``pip install capkit[bench]``): without it the benchmark says so and reports the torch baseline
 alone. The file sizes of the exports are reported too.
 
@@ -132,7 +133,7 @@ def run(args) -> Dict:
                             for fn in fns:
                                 fn()
                                 fn()
-                        # ONNX Runtime in a block of its own (its spinning threads slow the next call)
+                        # ONNX Runtime in blocks of its own between the rounds (its spinning threads slow the next call)
                         alone = [baseline.call(inp)] if baseline is not None else []
                         stats = time_interleaved(fns, device, args.min_time, args.repeats, alone=alone)
                         td, t = stats[0], stats[1]
@@ -181,7 +182,7 @@ def summary_markdown(result: Dict) -> str:
              f"commit {m.get('git_commit')}, {m.get('date')}. `speedup`: torch dense / sparse export; "
              + ("both torch models compiled with `torch.compile` (inductor, default mode). " if result.get("compiled") else "")
              + f"`speedup_vs_ort`: ONNX Runtime dense / sparse export (medians; torch models in interleaved rounds, "
-             f"ONNX Runtime in a block of its own; "
+             f"ONNX Runtime in blocks of its own between them; "
              f"`_min`: from the fastest calls); {allocator_text(m)}.", ""]
     if result.get("onnxruntime_note"):
         lines += [f"Note: {result['onnxruntime_note']}", ""]

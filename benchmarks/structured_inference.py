@@ -6,8 +6,8 @@ with :func:`capkit.pruning.prune_step` and physically removed with
 same process on the same inputs, in interleaved rounds, and beside it ONNX Runtime running the dense
 model (exported through ``torch.onnx``; CPU execution provider, intra-op threads = torch's, one
 inter-op thread, every graph optimisation), the runtime a user would otherwise deploy with; it is
-timed after the torch models in a block of its own, since its threads spin after each run and
-would slow the next torch call. ONNX Runtime is optional (``pip install capkit[bench]``; without
+timed in blocks of its own between the torch rounds (three parts), since its threads spin after
+each run and would slow the next torch call. ONNX Runtime is optional (``pip install capkit[bench]``; without
 it the benchmark says so and leaves it out). Importance is random (seeded, one score per unit): the latency
 of a compacted model depends only on how many heads and neurons each layer keeps, and random
 scores spread them over the layers the way a global ranking of similar scores does.
@@ -103,7 +103,7 @@ def forward_bytes(model: nn.Module, batch: int, seq: int) -> float:
 
 
 def time_interleaved(fns: Sequence[Callable[[], None]], device: torch.device, min_time: float,
-                     repeats: int, alone: Sequence[Callable[[], None]] = ()) -> List[Dict[str, float]]:
+                     repeats: int, alone: Sequence[Callable[[], None]] = (), blocks: int = 3) -> List[Dict[str, float]]:
     """Latency of each of ``fns``, measured in interleaved rounds so that they all see the same
     machine (other processes on a shared CPU slow every variant alike, not just one).
 
@@ -112,12 +112,17 @@ def time_interleaved(fns: Sequence[Callable[[], None]], device: torch.device, mi
     A BERT-base forward at 32 x 128 takes seconds on a small CPU, so the number of calls is set
     here, not by ``torch.utils.benchmark``'s block-size estimation (which spends extra calls).
 
-    ``alone``: callables timed after the rounds, each in a block of its own (stats follow those of
-    ``fns``). ONNX Runtime goes there: its intra-op threads spin for a while after every run (its
-    default, which buys it latency) and take the cores from whatever runs next; measured on the
-    2-core Xeon, a MiniLM 1 x 128 torch forward right after an ONNX Runtime call took 45 ms
-    instead of 16 ms. Timed alone, ONNX Runtime keeps its spinning and its best latency, and the
-    torch variants are not slowed by it."""
+    ``alone``: callables timed in blocks of their own (stats follow those of ``fns``). ONNX
+    Runtime goes there: its intra-op threads spin for a while after every run (its default, which
+    buys it latency) and take the cores from whatever runs next; measured on the 2-core Xeon, a
+    MiniLM 1 x 128 torch forward right after an ONNX Runtime call took 45 ms instead of 16 ms.
+    Timed apart, ONNX Runtime keeps its spinning and its best latency, and the torch variants are
+    not slowed by it. With ``alone``, the measurement is cut into ``blocks`` parts, each the torch
+    rounds for a share of the calls and time followed by a block of each ``alone`` callable, so
+    that a load which drifts while the benchmark runs reaches both sides (a single ONNX Runtime
+    block after all the rounds met another load than the rounds did: on a shared VM its ratios
+    read 1.4-2.1x in one run for a shape that read 1.8x in the next); the first call of each
+    block is a warm-up, not counted."""
     def once(fn) -> float:
         start = time.perf_counter()
         fn()
@@ -125,19 +130,35 @@ def time_interleaved(fns: Sequence[Callable[[], None]], device: torch.device, mi
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
+        raise ValueError(f"time_interleaved: blocks must be a positive int, got {blocks!r}")
+    parts = blocks if alone else 1
+    part_repeats, part_time = -(-repeats // parts), min_time / parts
     estimates = [once(fn) for fn in fns]
     calls_per_round = [max(1, round(max(estimates) / e)) for e in estimates]
     times: List[List[float]] = [[] for _ in fns]
-    while min(len(t) for t in times) < repeats or min(sum(t) for t in times) < min_time:
-        for fn, calls, t in zip(fns, calls_per_round, times):
-            t.extend(once(fn) for _ in range(calls))
+    alone_times: List[List[float]] = [[] for _ in alone]
+    for part in range(parts):
+        got = [[] for _ in fns]
+        if part > 0:  # after an ONNX Runtime block: its threads may still spin
+            for fn in fns:
+                once(fn)
+        while min(len(t) for t in got) < part_repeats or min(sum(t) for t in got) < part_time:
+            for fn, calls, t in zip(fns, calls_per_round, got):
+                t.extend(once(fn) for _ in range(calls))
+        for t, g in zip(times, got):
+            t.extend(g)
+        for fn, t in zip(alone, alone_times):
+            once(fn)  # warm-up: its threads wake
+            g: List[float] = []
+            while len(g) < part_repeats or sum(g) < part_time:
+                g.append(once(fn))
+            t.extend(g)
     stats = []
-    for t in times:
+    for t in times + alone_times:
         t.sort()
         stats.append({"median_s": statistics.median(t), "iqr_s": t[(3 * len(t)) // 4] - t[len(t) // 4],
                       "min_s": t[0], "n": len(t)})
-    for fn in alone:
-        stats += time_interleaved([fn], device, min_time, repeats)
     return stats
 
 
@@ -182,7 +203,7 @@ def benchmark_model(name: str, dense: nn.Module, shapes: Sequence[Tuple[int, int
     for batch, seq in shapes:
         inputs = make_inputs(dense, batch, seq, device)
         fns = [inference_call(model, inputs) for _, model, _ in variants]
-        # ONNX Runtime in a block of its own: its spinning threads would slow the next torch call
+        # ONNX Runtime in blocks of its own between the rounds: its spinning threads would slow the next torch call
         stats = time_interleaved(fns, device, min_time, repeats, alone=[ort.call(inputs)] if ort is not None else [])
         if ort is not None:
             t_ort = stats.pop()
@@ -257,7 +278,7 @@ def summary_markdown(result: Dict) -> str:
             f"torch {mi['torch']}, capkit {mi.get('capkit')}, commit {mi.get('git_commit')}, {mi['date']}, "
             f"{mi['torch_threads']} threads, dtype {result['dtype']}, eval + inference_mode. Heads and FFN neurons "
             f"removed at the same fraction, importance {result['importance']}; baseline: the dense model, same "
-            f"process, same inputs, timed in interleaved rounds (ONNX Runtime in a block of its own after them); "
+            f"process, same inputs, timed in interleaved rounds (ONNX Runtime in blocks of its own between them); "
             f"speed-ups from medians and from the fastest calls. Peaks measured here: "
             f"matmul {result['peaks']['matmul_flops'] / 1e9:.0f} GFLOP/s, "
             f"copy {result['peaks']['copy_bytes_per_s'] / 1e9:.1f} GB/s. Load average (1/5/15 min) before "

@@ -476,12 +476,25 @@ def test_inference_benchmark_on_a_tiny_model():
     assert bench.summary_markdown(result).startswith("# structured_inference on cpu")
 
 
-def test_time_interleaved_times_alone_callables_after_the_rounds():
+def test_time_interleaved_times_alone_callables_in_blocks_between_the_rounds():
     from benchmarks.structured_inference import time_interleaved
 
     log = []
-    stats = time_interleaved([lambda: log.append("a"), lambda: log.append("b")], torch.device("cpu"), 0.0, 3,
-                             alone=[lambda: log.append("ort")])
-    assert len(stats) == 3 and all(s["n"] >= 3 for s in stats)
-    first_alone = log.index("ort")
-    assert set(log[:first_alone]) == {"a", "b"} and set(log[first_alone:]) == {"ort"}
+    stats = time_interleaved([lambda: log.append("a"), lambda: log.append("b")], torch.device("cpu"), 0.0, 6,
+                             alone=[lambda: log.append("ort")], blocks=3)
+    assert len(stats) == 3 and all(s["n"] >= 6 for s in stats)
+    # three runs of torch rounds, each followed by an ONNX Runtime block: never mixed within a run
+    runs = [[log[0]]]
+    for item in log[1:]:
+        if (item == "ort") != (runs[-1][-1] == "ort"):
+            runs.append([])
+        runs[-1].append(item)
+    kinds = ["ort" if r[0] == "ort" else "torch" for r in runs]
+    assert kinds == ["torch", "ort"] * 3
+    assert all(set(r) == {"a", "b"} for r, k in zip(runs, kinds) if k == "torch")
+    # without alone callables: one run of rounds, as before
+    log.clear()
+    stats = time_interleaved([lambda: log.append("a")], torch.device("cpu"), 0.0, 4, blocks=3)
+    assert len(stats) == 1 and stats[0]["n"] >= 4 and set(log) == {"a"}
+    with pytest.raises(ValueError, match="blocks"):
+        time_interleaved([lambda: None], torch.device("cpu"), 0.0, 1, blocks=0)
