@@ -422,6 +422,139 @@ def test_fused_blocks_compile_in_one_graph(csr_threshold):
     assert counter.frame_count == 1
 
 
+def _step_reference(x, w, m, b, step, r, ln):
+    wm = w.double() if m is None else torch.where(m, w.double(), torch.zeros((), dtype=torch.float64))
+    y = F.linear(x.double(), wm, b.double())
+    if step == "gelu":
+        return F.gelu(y)
+    if step in ("residual", "residual+ln"):
+        y = y + r.double()
+    if step in ("ln", "residual+ln"):
+        y = F.layer_norm(y, (y.shape[-1],), ln.weight.double(), ln.bias.double(), ln.eps)
+    return y
+
+
+def _step_args(step, r, ln):
+    return {"activation": "gelu" if step == "gelu" else None,
+            "residual": r if step in ("residual", "residual+ln") else None,
+            "layer_norm": ln if step in ("ln", "residual+ln") else None}
+
+
+@pytest.mark.parametrize("kind", ["sparse bool", "dense bool", "block", "nm", "none"])
+@pytest.mark.parametrize("step", ["gelu", "residual", "residual+ln", "ln"])
+def test_fused_op_matches_reference_on_every_mask_kind(csr_threshold, kind, step):
+    """capkit::masked_linear_fused (what a compiled MaskedLinear calls with steps after it): the
+    layer and the step against float64, on the CSR kernel (sparse bool, block from its second call)
+    and on the paths that apply the step after the layer (denser mask, N:M, no mask)."""
+    from capkit.ops import BlockMask, NMMask
+    from capkit.ops.masked_linear import masked_linear_with_steps
+
+    g = torch.Generator().manual_seed(11)
+    n, k = 48, 40
+    x, w, b = torch.randn(2, 5, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    r = torch.randn(2, 5, n, generator=g)
+    ln = torch.nn.LayerNorm(n)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.normal_()
+    if kind == "sparse bool":
+        mask = dense = torch.rand(n, k, generator=g) < 0.15
+    elif kind == "dense bool":
+        mask = dense = torch.rand(n, k, generator=g) < 0.8
+    elif kind == "block":
+        grid = torch.tensor([[1, 0, 0], [0, 0, 1], [0, 0, 0]], dtype=torch.bool)  # 2 of 9 blocks live
+        live = grid.repeat_interleave(16, 0).repeat_interleave(16, 1)[:n, :k]
+        mask = BlockMask.from_dense(live & (torch.rand(n, k, generator=g) < 0.5), 16)
+        dense = mask.to_dense().bool()
+    elif kind == "nm":
+        mask = NMMask.from_scores(torch.randn(n, k, generator=g))
+        dense = mask.to_dense().bool()
+    else:
+        mask = dense = None
+    expected = _step_reference(x, w, dense, b, step, r, ln)
+    with torch.no_grad(), mock.patch.object(sparse_format, "csr_kernel_call", wraps=sparse_format.csr_kernel_call) as kernel:
+        for _ in range(2):
+            y = masked_linear_with_steps(x, w, mask, b, "auto", **_step_args(step, r, ln))
+            assert y.shape == (2, 5, n)
+            torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=1e-5)
+    # the CSR kernel with the step inside: both calls on the sparse bool mask, the second on the
+    # block layout (the first one marks it seen, and the plain layer then runs on the kernel too)
+    with_step = [a for a in (c.args for c in kernel.call_args_list) if a[3] == 1 or a[4] is not None or a[5]]
+    assert len(with_step) == {"sparse bool": 2, "block": 1}.get(kind, 0)
+    assert kernel.call_count == {"sparse bool": 2, "block": 2}.get(kind, 0)
+
+
+def test_opcheck_masked_linear_fused():
+    from torch.library import opcheck
+
+    g = torch.Generator().manual_seed(4)
+    n, k = 24, 20
+    x, w, b = torch.randn(6, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    r, lw, lb = torch.randn(6, n, generator=g), torch.rand(n, generator=g) + 0.5, torch.randn(n, generator=g)
+    mask = torch.rand(n, k, generator=g) < 0.15
+    op = torch.ops.capkit.masked_linear_fused.default
+    lists = (None, None, None, None, 0)
+    for m, kind in ((mask, "dense"), (None, "none")):
+        opcheck(op, (x, w, m, b, *lists, kind, "auto", 1, None, False, None, None, 1e-5))
+        opcheck(op, (x, w, m, b, *lists, kind, "auto", 0, r, True, lw, lb, 1e-6))
+        opcheck(op, (x, w, m, None, *lists, kind, "torch", 0, None, True, None, None, 1e-5))
+    with pytest.raises(ValueError, match="activation"):
+        op(x, w, mask, b, *lists, "dense", "auto", 2, None, False, None, None, 1e-5)
+
+
+def test_compiled_fused_model_runs_the_steps_in_the_kernel(csr_threshold):
+    """torch.compile of a fused model, autograd off: every GELU and residual + LayerNorm block is a
+    capkit::masked_linear_fused node, and when the graph runs the CSR kernel applies the steps; the
+    logits match the unfused model."""
+    import torch._dynamo
+    import torch._dynamo.testing
+    from _models import token_batch
+
+    torch._dynamo.reset()
+    model = _pruned_tiny_bert()
+    batch = token_batch(model.config)
+    with torch.no_grad():
+        unfused = model(**batch).logits
+        counts = fuse_for_inference(model)
+        counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(model, backend=counter, fullgraph=True)
+        compiled(**batch)  # compiles
+        with mock.patch.object(sparse_format, "csr_kernel_call", wraps=sparse_format.csr_kernel_call) as kernel:
+            logits = compiled(**batch).logits
+    torch.testing.assert_close(logits, unfused, atol=1e-5, rtol=1e-5)
+    assert counter.frame_count == 1
+    nodes = [str(n.target) for gm in counter.graphs for n in gm.graph.nodes]
+    assert nodes.count("capkit.masked_linear_fused") == counts["gelu"] + counts["residual"]
+    calls = [c.args for c in kernel.call_args_list]
+    assert sum(a[3] == 1 for a in calls) == counts["gelu"]
+    assert sum(a[4] is not None and a[5] for a in calls) == counts["residual"]
+
+
+def test_compiled_fused_model_with_autograd_keeps_the_plain_op(csr_threshold):
+    """With autograd on the compiled fused model differentiates: no fused node, the steps after
+    the layer, and the same loss and gradients as eager."""
+    import torch._dynamo
+    import torch._dynamo.testing
+    from _models import token_batch
+
+    torch._dynamo.reset()
+    model = _pruned_tiny_bert()
+    fuse_for_inference(model)
+    model.eval()
+    batch = token_batch(model.config)
+    eager_loss = model(**batch).logits.square().sum()
+    eager_loss.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    loss = torch.compile(model, backend=counter, fullgraph=True)(**batch).logits.square().sum()
+    loss.backward()
+    torch.testing.assert_close(loss, eager_loss, atol=1e-5, rtol=1e-5)
+    assert expected and all(torch.allclose(p.grad, expected[n], atol=1e-5, rtol=1e-4)
+                            for n, p in model.named_parameters() if n in expected)
+    assert "capkit.masked_linear_fused" not in [str(n.target) for gm in counter.graphs for n in gm.graph.nodes]
+
+
 @pytest.mark.parametrize("kind", ["bool", "block"])
 def test_a_model_loaded_under_inference_mode_runs(tmp_path, kind, monkeypatch):
     """Tensors made under torch.inference_mode keep no version counter: a model loaded inside it

@@ -11,6 +11,7 @@ from torch import nn
 from capkit.nn._watch import ChangeWatch
 from capkit.ops import BlockMask, NMMask, masked_linear
 from capkit.ops._backends import apply_mask, effective_mask
+from capkit.ops.masked_linear import masked_linear_with_steps
 from capkit.ops.sparse_format import (CSRWeight, block_csr_applies, block_dense_mask, csr_applies, csr_linear,
                                       layer_norm_fits, pack_csr, tensor_version)
 
@@ -266,7 +267,13 @@ class MaskedLinear(nn.Module):
         if torch.compiler.is_compiling():
             # Traced by torch.compile: one custom-op call (the pre-folded shortcut keeps a cache
             # keyed on tensor storage, which a graph cannot hold). The op itself sends sparse
-            # enough inference to the CSR kernel when the graph runs.
+            # enough inference to the CSR kernel when the graph runs; with steps after the layer
+            # and autograd off, the op that applies them there too.
+            steps = activation is not None or residual is not None or layer_norm is not None
+            if (steps and not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+                    and x.dtype == self.weight.dtype and not (isinstance(mask, torch.Tensor) and mask.requires_grad)):
+                return masked_linear_with_steps(x, self.weight, mask, self.bias, self.backend, activation, residual,
+                                                layer_norm), True
             return masked_linear(x, self.weight, mask, self.bias, backend=self.backend), False
         if (isinstance(mask, torch.Tensor) and csr_applies(x, self.weight, mask, self.bias, self.backend)) or (
                 # a block layout goes to the CSR kernel from its second sighting on, and the

@@ -9,6 +9,11 @@ formula, so the compiler sees one opaque node per call instead of a graph break:
   ``capkit::masked_linear_dw``. A :class:`~capkit.ops.masks.BlockMask` travels as its four int32
   lists and its block size; an :class:`~capkit.ops.masks.NMMask` as its dense 0/1 mask
   (``mask_kind="nm"``).
+* ``capkit::masked_linear_fused(x, weight, mask, bias, <the same mask lists>, backend, activation,
+  residual, layer_norm, ln_weight, ln_bias, ln_eps) -> y``: inference only (no gradient), the
+  layer and the steps after it (GELU, or residual sum and LayerNorm), inside the CSR kernel where
+  that kernel runs; what a compiled :class:`~capkit.nn.MaskedLinear` calls with
+  ``activation``/``residual``/``layer_norm`` and autograd off.
 * ``capkit::info_nce_stats(qs, keys, key_scale, qid, kid, qlab, klab, self_index, backend)
   -> stats [B, 5]``: the streaming pass of :func:`capkit.ops.info_nce` (per query: log-sum-exp,
   sum and count of the positive scores of each term). Its gradient with respect to ``qs`` is the
@@ -29,6 +34,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from capkit.ops._backends import choose_backend, get_backend
+from capkit.ops import sparse_format
 from capkit.ops.masks import BlockLayout
 from capkit.ops.sparse_format import (block_csr_applies, csr_applies, csr_linear, packed_for_block_mask,
                                       packed_for_mask, tensor_version)
@@ -36,7 +42,8 @@ from capkit.ops.sparse_format import (block_csr_applies, csr_applies, csr_linear
 __all__ = ["CUSTOM_OPS", "layout_tensors"]
 
 # The ops this module registers, as ``torch.ops`` names.
-CUSTOM_OPS = ("capkit::masked_linear", "capkit::masked_linear_dx", "capkit::masked_linear_dw",
+CUSTOM_OPS = ("capkit::masked_linear", "capkit::masked_linear_fused", "capkit::masked_linear_dx",
+              "capkit::masked_linear_dw",
               "capkit::info_nce_stats", "capkit::info_nce_stats_backward")
 
 
@@ -118,6 +125,54 @@ def _masked_linear_op(x: torch.Tensor, weight: torch.Tensor, mask: Optional[torc
 
 @_masked_linear_op.register_fake
 def _(x, weight, mask, bias, row_ptr, col_idx, col_ptr, row_idx, block_size, mask_kind, training, backend):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+# Inference with the steps after the layer (capkit.nn.fuse): one node in a torch.compile graph,
+# so that the CSR kernel applies them inside as it does in eager mode. Registered without a
+# gradient: MaskedLinear calls it only with autograd off.
+_ACTIVATION_CODES = {0: None, 1: "gelu"}
+
+
+@torch.library.custom_op("capkit::masked_linear_fused", mutates_args=())
+def _masked_linear_fused_op(x: torch.Tensor, weight: torch.Tensor, mask: Optional[torch.Tensor],
+                            bias: Optional[torch.Tensor], row_ptr: Optional[torch.Tensor],
+                            col_idx: Optional[torch.Tensor], col_ptr: Optional[torch.Tensor],
+                            row_idx: Optional[torch.Tensor], block_size: int, mask_kind: str, backend: str,
+                            activation: int, residual: Optional[torch.Tensor], layer_norm: bool,
+                            ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor],
+                            ln_eps: float) -> torch.Tensor:
+    """``x @ (weight * mask)^T + bias``, then GELU (``activation=1``) or ``+ residual`` and/or the
+    LayerNorm (``layer_norm``, with ``ln_weight``, ``ln_bias``, ``ln_eps``) over the outputs; x and
+    residual 2-D. Inside the CSR kernel where it runs, after the layer otherwise."""
+    if activation not in _ACTIVATION_CODES:
+        raise ValueError(f"masked_linear_fused: activation must be 0 (none) or 1 (gelu), got {activation}")
+    packed = None
+    if row_ptr is None and mask_kind == "dense" and mask is not None and csr_applies(x, weight, mask, bias, backend):
+        packed = packed_for_mask(weight, mask)
+    elif mask_kind == "block":
+        layout = _layout(weight.shape, row_ptr, col_idx, col_ptr, row_idx, block_size)
+        if layout is not None and block_csr_applies(x, weight, layout, mask, bias, backend):
+            packed = packed_for_block_mask(weight, layout, mask)
+    fits = (residual is None or (residual.dtype == torch.float32 and residual.is_cpu)) and all(
+        t is None or (t.dtype == torch.float32 and t.is_cpu) for t in (ln_weight, ln_bias))
+    if packed is not None and fits:
+        return sparse_format.csr_kernel_call(x, packed, bias, activation, residual, layer_norm, ln_weight, ln_bias,
+                                             ln_eps)
+    y = torch.ops.capkit.masked_linear(x, weight, mask, bias, row_ptr, col_idx, col_ptr, row_idx, block_size,
+                                       mask_kind, False, backend)
+    if activation == 1:
+        y = torch.nn.functional.gelu(y)
+    if residual is not None:
+        y = y + residual
+    if layer_norm:
+        y = torch.nn.functional.layer_norm(y, (y.shape[-1],), ln_weight, ln_bias, ln_eps)
+    return y
+
+
+@_masked_linear_fused_op.register_fake
+def _(x, weight, mask, bias, row_ptr, col_idx, col_ptr, row_idx, block_size, mask_kind, backend, activation,
+      residual, layer_norm, ln_weight, ln_bias, ln_eps):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 

@@ -128,6 +128,29 @@ def masked_linear(
     return y.view(*lead, out_f)
 
 
+def masked_linear_with_steps(x: torch.Tensor, weight: torch.Tensor, mask: MaskLike, bias: Optional[torch.Tensor],
+                             backend: str, activation: Optional[str] = None, residual: Optional[torch.Tensor] = None,
+                             layer_norm: Optional[torch.nn.LayerNorm] = None) -> torch.Tensor:
+    """Inference only: ``masked_linear(x, weight, mask, bias)`` followed by ``activation``
+    (``"gelu"``) or ``+ residual`` (the output's shape) and/or ``layer_norm`` (an ``nn.LayerNorm``
+    over the outputs), as one ``capkit::masked_linear_fused`` call, so that a torch.compile graph
+    keeps the steps inside the CSR kernel. The caller (:class:`capkit.nn.MaskedLinear`) has checked
+    the arguments and that autograd is off."""
+    out_f, in_f = weight.shape
+    dense_mask, layout, kind = _split_mask(mask, weight.shape, weight.device)
+    lead = x.shape[:-1]
+    rows = math.prod(lead)
+    ln_w = ln_b = None
+    eps = 1e-5
+    if layer_norm is not None:
+        ln_w, ln_b, eps = layer_norm.weight, layer_norm.bias, float(layer_norm.eps)
+    y = torch.ops.capkit.masked_linear_fused(
+        x.reshape(rows, in_f), weight, dense_mask, bias, *_library.layout_tensors(layout), kind, backend,
+        1 if activation == "gelu" else 0, None if residual is None else residual.reshape(rows, out_f),
+        layer_norm is not None, ln_w, ln_b, eps)
+    return y.view(*lead, out_f)
+
+
 def _autocast_inputs(x, weight, bias, mask):
     dtype = torch.get_autocast_dtype(x.device.type)
     x = x.to(dtype)

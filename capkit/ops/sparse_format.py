@@ -136,28 +136,37 @@ def csr_linear(x: torch.Tensor, packed: CSRWeight, bias: Optional[torch.Tensor] 
         raise ValueError(f"csr_linear: layer_norm must be an nn.LayerNorm over the {out_f} outputs with fp32 CPU "
                          f"parameters, got {layer_norm!r}")
     lead = x.shape[:-1]
-    x2d = x.reshape(-1, in_f).contiguous()
-    b = None if bias is None else bias.contiguous()
-    op = torch.ops.capkit.csr_linear_forward
-    if residual is None and layer_norm is None:
-        if activation is None:
-            y = op(x2d, packed.ptr, packed.col_idx, packed.values, b, out_f, packed.panel)
-        else:
-            y = op(x2d, packed.ptr, packed.col_idx, packed.values, b, out_f, packed.panel, 1)
-        return y.view(*lead, out_f)
     if residual is not None:
         if tuple(residual.shape) != (*lead, out_f):
             raise ValueError(f"csr_linear: residual must have the output's shape {(*lead, out_f)}, "
                              f"got {tuple(residual.shape)}")
-        residual = residual.reshape(-1, out_f).contiguous()
-    if layer_norm is None:
-        y = op(x2d, packed.ptr, packed.col_idx, packed.values, b, out_f, packed.panel, 0, residual)
-    else:
-        w_ln, b_ln = layer_norm.weight, layer_norm.bias
-        y = op(x2d, packed.ptr, packed.col_idx, packed.values, b, out_f, packed.panel, 0, residual, True,
-               None if w_ln is None else w_ln.detach().contiguous(),
-               None if b_ln is None else b_ln.detach().contiguous(), float(layer_norm.eps))
+        residual = residual.reshape(-1, out_f)
+    ln_w = ln_b = None
+    eps = 1e-5
+    if layer_norm is not None:
+        ln_w = None if layer_norm.weight is None else layer_norm.weight.detach()
+        ln_b = None if layer_norm.bias is None else layer_norm.bias.detach()
+        eps = float(layer_norm.eps)
+    y = csr_kernel_call(x.reshape(-1, in_f), packed, bias, 1 if activation == "gelu" else 0, residual,
+                        layer_norm is not None, ln_w, ln_b, eps)
     return y.view(*lead, out_f)
+
+
+def csr_kernel_call(x2d: torch.Tensor, packed: CSRWeight, bias: Optional[torch.Tensor], activation: int = 0,
+                    residual: Optional[torch.Tensor] = None, layer_norm: bool = False,
+                    ln_weight: Optional[torch.Tensor] = None, ln_bias: Optional[torch.Tensor] = None,
+                    ln_eps: float = 1e-5) -> torch.Tensor:
+    """The C++ kernel on a 2-D ``x`` and ``residual`` (made contiguous here): ``activation`` 0
+    (none) or 1 (GELU), the LayerNorm's parameters as tensors. No other checks (the kernel checks
+    shapes and dtypes itself)."""
+    c = _contiguous
+    return torch.ops.capkit.csr_linear_forward(x2d.contiguous(), packed.ptr, packed.col_idx, packed.values, c(bias),
+                                               packed.shape[0], packed.panel, activation, c(residual), layer_norm,
+                                               c(ln_weight), c(ln_bias), ln_eps)
+
+
+def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.contiguous()
 
 
 _MAX_DENSITY: dict = {}  # dtype name -> (the rules list it was read from, max density)
