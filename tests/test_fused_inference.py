@@ -582,3 +582,40 @@ def test_a_model_loaded_under_inference_mode_runs(tmp_path, kind, monkeypatch):
         for _ in range(3):
             torch.testing.assert_close(loaded(**batch).logits, expected, atol=1e-5, rtol=1e-5)
     assert kernel.call_count > 0
+
+
+@pytest.mark.parametrize("kind", ["bool", "block"])
+def test_functional_csr_cache_sees_fused_optimiser_updates(kind, monkeypatch):
+    """masked_linear on a raw weight tensor caches its CSR on the mask (or layout). AdamW with
+    fused=True writes the weight in place without a version bump; the gradient the weight received
+    before must still invalidate the cache (it did not: the kernel ran the old weight)."""
+    from capkit.ops import BlockMask, masked_linear
+
+    monkeypatch.setattr(sparse_format, "csr_max_density", lambda dtype=torch.float32: 0.5)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 48, generator=g, requires_grad=True)
+    dense = torch.rand(32, 48, generator=g) < 0.2
+    if kind == "block":
+        grid = torch.tensor([[1, 0, 0], [0, 0, 1]], dtype=torch.bool)  # 2 of 6 blocks live
+        live = grid.repeat_interleave(16, 0).repeat_interleave(16, 1)
+        mask = BlockMask.from_dense(live & dense, 16)
+        dense = mask.to_dense().bool()
+    else:
+        mask = dense
+    x = torch.randn(5, 48, generator=g)
+    with mock.patch.object(sparse_format, "csr_kernel_call", wraps=sparse_format.csr_kernel_call) as kernel:
+        with torch.no_grad():
+            for _ in range(2):  # a block layout reaches the CSR kernel from its second call
+                before = masked_linear(x, w, mask)
+        assert kernel.call_count >= 1
+        opt = torch.optim.AdamW([w], lr=0.5, fused=True)
+        masked_linear(x, w, mask).sum().backward()
+        version = w._version
+        opt.step()
+        assert w._version == version  # the case at hand: no version bump
+        with torch.no_grad():
+            after = masked_linear(x, w, mask)
+            calls = kernel.call_count
+    expected = F.linear(x.double(), torch.where(dense, w.detach().double(), torch.zeros((), dtype=torch.float64)))
+    assert calls >= 2 and not torch.allclose(before, after)
+    torch.testing.assert_close(after.double(), expected, atol=1e-5, rtol=1e-5)

@@ -233,10 +233,29 @@ def csr_applies(x: torch.Tensor, weight: torch.Tensor, mask, bias=None, backend:
     return _eligible(x, weight, mask, bias, backend) and _density(mask) <= csr_max_density(x.dtype)
 
 
+def _count_gradient(t: torch.Tensor) -> None:
+    t._capkit_gradients = getattr(t, "_capkit_gradients", 0) + 1
+
+
+def gradient_count(t: torch.Tensor) -> int:
+    """How many gradients a leaf tensor that requires grad has received since it was first asked
+    about here (a post-accumulate-grad hook counts them; 0 for other tensors). Part of the state
+    that cached packs compare: the fused optimisers (``AdamW(fused=True)``) write a parameter in
+    place without bumping its version counter, but only after it received a gradient."""
+    if not (t.requires_grad and t.is_leaf):
+        return getattr(t, "_capkit_gradients", 0)
+    handle_id = getattr(t, "_capkit_gradient_hook", None)
+    hooks = getattr(t, "_post_accumulate_grad_hooks", None)
+    if handle_id is None or hooks is None or handle_id not in hooks:  # never hooked, or a copy without hooks
+        t._capkit_gradient_hook = t.register_post_accumulate_grad_hook(_count_gradient).id
+    return getattr(t, "_capkit_gradients", 0)
+
+
 def _cached_pack(holder, weight: torch.Tensor, state: tuple, dense_mask) -> CSRWeight:
     """The CSR cached on ``holder`` (a mask tensor or a block layout) for this weight object and
-    ``state``; otherwise ``pack_csr(weight, dense_mask())``, cached there."""
-    state = (weight.data_ptr(), tensor_version(weight)) + state
+    ``state``; otherwise ``pack_csr(weight, dense_mask())``, cached there. The weight's storage,
+    version and gradient count (see :func:`gradient_count`) are part of the state."""
+    state = (weight.data_ptr(), tensor_version(weight), gradient_count(weight)) + state
     cached = getattr(holder, "_capkit_csr", None)
     if cached is not None and cached[0]() is weight and cached[1] == state:
         return cached[2]
