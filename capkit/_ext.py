@@ -22,7 +22,19 @@ def load_extension():
             stacklevel=3,
         )
         return None
+    _register_fake_kernels()
     return _C
+
+
+def _register_fake_kernels() -> None:
+    """Output shapes of the C++ ops that models call directly, for torch.compile and torch.export."""
+    import torch
+
+    def attention(q, k, v, mask, scale):  # capkit::attention_forward -> [B, Sq, H, D]
+        return q.new_empty((q.shape[0], q.shape[2], q.shape[1], q.shape[3]))
+
+    if hasattr(torch.ops.capkit, "attention_forward"):
+        torch.library.register_fake("capkit::attention_forward")(attention)
 
 
 @functools.lru_cache(maxsize=None)

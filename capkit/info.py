@@ -54,7 +54,8 @@ def main(argv=None) -> int:
     else:
         print(f"compiled extension: built for torch {ext['torch_version_built']}; CUDA kernels: "
               f"{'yes' if ext['cuda'] else 'no'}; OpenMP: {'yes' if ext['openmp'] else 'no'} "
-              f"({ext['max_threads']} threads); AVX2+FMA: {'yes' if ext['avx2'] else 'no'}")
+              f"({ext['max_threads']} threads); AVX2+FMA: {'yes' if ext['avx2'] else 'no'}; CPU attention "
+              f"kernel: {'vectorised (AVX-512)' if ext.get('attention_vectorised') else 'not used (no AVX-512)'}")
     if info.get("gpu"):
         print(f"GPU: {info['gpu']} (CUDA {info['torch_cuda']})")
     for dev, status in info["backends"].items():

@@ -13,6 +13,7 @@
 #include <optional>
 #include <string>
 
+#include "cpu/attention_cpu.h"
 #include "cpu/info_nce_cpu.h"
 #include "cpu/masked_linear_cpu.h"
 #include "cpu/sparse_linear_cpu.h"
@@ -214,6 +215,51 @@ Tensor csr_linear_forward_cpu(const Tensor& x, const Tensor& ptr, const Tensor& 
   return y;
 }
 
+// Scaled dot-product attention (fp32 inference): q [B, H, Sq, D], k and v [B, H, Sk, D], any
+// strides with the feature dimension's stride 1; mask additive, 4-D, each dimension of the full
+// size or 1 (broadcast). Returns [B, Sq, H, D], contiguous.
+Tensor attention_forward_cpu(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& mask, double scale) {
+  for (const auto* t : {&q, &k, &v}) {
+    const char* name = t == &q ? "q" : t == &k ? "k" : "v";
+    check_f32_cpu(*t, name);
+    TORCH_CHECK(t->dim() == 4, "capkit: ", name, " must be 4-D [batch, heads, positions, features], got shape ",
+                t->sizes());
+    TORCH_CHECK(t->size(3) <= 1 || t->stride(3) == 1, "capkit: ", name,
+                "'s last dimension must be contiguous (stride 1), got stride ", t->stride(3));
+  }
+  const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), D = q.size(3), Sk = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == D, "capkit: k must be [", B, ", ", H, ", Sk, ", D,
+              "] to match q, got ", k.sizes());
+  TORCH_CHECK(v.sizes() == k.sizes(), "capkit: v must have k's shape ", k.sizes(), ", got ", v.sizes());
+  cpu::AttentionArgs a;
+  a.q = q.data_ptr<float>();
+  a.k = k.data_ptr<float>();
+  a.v = v.data_ptr<float>();
+  a.B = B, a.H = H, a.Sq = Sq, a.Sk = Sk, a.D = D;
+  a.q_sb = q.stride(0), a.q_sh = q.stride(1), a.q_ss = q.stride(2);
+  a.k_sb = k.stride(0), a.k_sh = k.stride(1), a.k_ss = k.stride(2);
+  a.v_sb = v.stride(0), a.v_sh = v.stride(1), a.v_ss = v.stride(2);
+  if (mask.has_value()) {
+    check_f32_cpu(*mask, "mask");
+    TORCH_CHECK(mask->dim() == 4, "capkit: mask must be 4-D (broadcastable to [", B, ", ", H, ", ", Sq, ", ", Sk,
+                "]), got shape ", mask->sizes());
+    const int64_t full[4] = {B, H, Sq, Sk};
+    int64_t st[4];
+    for (int d = 0; d < 4; ++d) {
+      TORCH_CHECK(mask->size(d) == full[d] || mask->size(d) == 1, "capkit: mask must be broadcastable to [", B, ", ",
+                  H, ", ", Sq, ", ", Sk, "], got shape ", mask->sizes());
+      st[d] = mask->size(d) == full[d] ? mask->stride(d) : 0;
+    }
+    a.mask = mask->data_ptr<float>();
+    a.m_sb = st[0], a.m_sh = st[1], a.m_si = st[2], a.m_sj = st[3];
+  }
+  a.scale = static_cast<float>(scale);
+  Tensor out = new_output({B, Sq, H, D}, q.options());
+  a.out = out.data_ptr<float>();
+  cpu::attention_forward_f32(a);
+  return out;
+}
+
 // ---------------------------------------------------------------------------------------------
 // info_nce: the checks and views shared by the forward and backward.
 void check_cpu(const Tensor& t, const char* name) {
@@ -318,6 +364,7 @@ TORCH_LIBRARY(capkit, m) {
       "csr_linear_forward(Tensor x, Tensor ptr, Tensor col_idx, Tensor values, Tensor? bias, "
       "int out_features, int panel, int activation=0, Tensor? residual=None, bool layer_norm=False, "
       "Tensor? ln_weight=None, Tensor? ln_bias=None, float ln_eps=1e-05) -> Tensor");
+  m.def("attention_forward(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
   m.def(
       "info_nce_forward(Tensor qs, Tensor keys, Tensor? key_scale, Tensor qid, Tensor kid, Tensor? qlab, "
       "Tensor? klab, Tensor? self_index) -> Tensor");
@@ -331,6 +378,7 @@ TORCH_LIBRARY_IMPL(capkit, CPU, m) {
   m.impl("masked_linear_grad_input", &capkit::grad_input_cpu);
   m.impl("masked_linear_grad_weight", &capkit::grad_weight_cpu);
   m.impl("csr_linear_forward", &capkit::csr_linear_forward_cpu);
+  m.impl("attention_forward", &capkit::attention_forward_cpu);
   m.impl("info_nce_forward", &capkit::info_nce_forward_cpu);
   m.impl("info_nce_backward", &capkit::info_nce_backward_cpu);
 }
@@ -339,6 +387,8 @@ namespace py = pybind11;
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.doc() = "capkit native kernels (CPU C++ and, when built with it, CUDA)";
+  mod.def("_attention_force_plain", [](bool on) { capkit::cpu::attention_force_plain(on); },
+          "Tests only: the attention kernel's plain path even on AVX-512 CPUs.");
   mod.def("build_info", []() {
     py::dict d;
     d["version"] = CAPKIT_VERSION_STR;
@@ -353,6 +403,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     d["openmp"] = false;
 #endif
     d["avx2"] = capkit::cpu::cpu_has_avx2_fma();
+    d["attention_vectorised"] = capkit::cpu::attention_vectorised();
     d["max_threads"] = capkit::cpu::cpu_max_threads();
     d["compiler"] = __VERSION__;
     d["torch_version_built"] = std::string(TORCH_VERSION);

@@ -23,6 +23,7 @@
 #endif
 
 #include "cpu/masked_linear_cpu.h"
+#include "cpu/vec_math.h"
 
 namespace capkit {
 namespace cpu {
@@ -230,26 +231,13 @@ constexpr RowFn kRowFns512[5] = {nullptr, row_avx512<1>, row_avx512<2>, row_avx5
 // made the activation 25 times slower on wide layers of large activations).
 constexpr float kErfP = 0.3275911f, kErfA1 = 0.254829592f, kErfA2 = -0.284496736f, kErfA3 = 1.421413741f,
                 kErfA4 = -1.453152027f, kErfA5 = 1.061405429f;
-constexpr float kLog2e = 1.44269504f, kLn2Hi = 0.693145752f, kLn2Lo = 1.42860677e-6f;
 constexpr float kInvSqrt2 = 0.70710678f;
-// exp(r) = sum r^j / j!, j = 6 .. 0, in Horner order (shared by the AVX-512 and AVX2 paths)
-constexpr int kExpTerms = 7;
-constexpr float kExpTaylor[kExpTerms] = {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
 
 void gelu_scalar(float* v, int64_t n) {
   for (int64_t i = 0; i < n; ++i) v[i] = 0.5f * v[i] * (1.0f + std::erf(v[i] * kInvSqrt2));
 }
 
 #ifdef CAPKIT_X86
-__attribute__((target("avx512f"))) inline __m512 exp_neg_avx512(__m512 x0) {  // x0 <= 0
-  const __m512 x = _mm512_max_ps(x0, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
-  __m512 q = _mm512_set1_ps(kExpTaylor[0]);
-  for (int j = 1; j < kExpTerms; ++j) q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(kExpTaylor[j]));
-  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x0, _mm512_set1_ps(-80.0f), _CMP_GE_OQ), _mm512_scalef_ps(q, n));
-}
 
 __attribute__((target("avx512f"))) void gelu_avx512(float* v, int64_t n) {
   const __m512 sign_bit = _mm512_set1_ps(-0.0f);
@@ -274,17 +262,6 @@ __attribute__((target("avx512f"))) void gelu_avx512(float* v, int64_t n) {
   gelu_scalar(v + i, n - i);
 }
 
-__attribute__((target("avx2,fma"))) inline __m256 exp_neg_avx2(__m256 x0) {  // x0 <= 0
-  const __m256 x = _mm256_max_ps(x0, _mm256_set1_ps(-87.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
-  __m256 q = _mm256_set1_ps(kExpTaylor[0]);
-  for (int j = 1; j < kExpTerms; ++j) q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(kExpTaylor[j]));
-  // 2^n through the exponent bits (n >= -126 after the clamp above)
-  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_and_ps(_mm256_mul_ps(q, _mm256_castsi256_ps(bits)), _mm256_cmp_ps(x0, _mm256_set1_ps(-80.0f), _CMP_GE_OQ));
-}
 
 __attribute__((target("avx2,fma"))) void gelu_avx2(float* v, int64_t n) {
   const __m256 sign_bit = _mm256_set1_ps(-0.0f);
@@ -488,6 +465,10 @@ float* scratch(size_t n) {
 }
 
 }  // namespace
+
+void transpose_f32(const float* src, int64_t ls, int64_t rows, int64_t cols, float* dst, int64_t ld) {
+  transpose_block(src, ls, rows, cols, dst, ld);
+}
 
 void csr_linear_forward_f32(const float* x, const int32_t* ptr, const int32_t* col_idx, const float* values,
                             const float* bias, float* y, int64_t M, int64_t N, int64_t K, int64_t panel,

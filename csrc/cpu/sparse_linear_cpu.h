@@ -33,6 +33,9 @@ struct Epilogue {
   float ln_eps = 1e-5f;
 };
 
+// dst[c * ld + r] = src[r * ls + c] for r < rows, c < cols (8 x 8 blocks in registers with AVX2).
+void transpose_f32(const float* src, int64_t ls, int64_t rows, int64_t cols, float* dst, int64_t ld);
+
 void csr_linear_forward_f32(const float* x, const int32_t* ptr, const int32_t* col_idx, const float* values,
                             const float* bias, float* y, int64_t M, int64_t N, int64_t K, int64_t panel,
                             const Epilogue& epilogue = Epilogue());
