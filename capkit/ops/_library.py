@@ -103,22 +103,28 @@ def _resolve(backend: str, x: torch.Tensor, weight: torch.Tensor, mask: Optional
 # masked_linear
 
 
+def _inference_csr(x, weight, mask, bias, layout, mask_kind: str, backend: str):
+    """The packed CSR when an inference call goes to the CSR kernel, else None: a fixed 0/1 mask
+    (or block layout) sparse enough for it, the same choice an eager masked_linear call makes, taken
+    inside the ops too so that a torch.compile graph (which calls them with the real tensors) keeps
+    the sparse kernel. The CSR is cached on the mask (or layout)."""
+    if mask_kind == "dense" and mask is not None and csr_applies(x, weight, mask, bias, backend):
+        return packed_for_mask(weight, mask)
+    if mask_kind == "block" and layout is not None and block_csr_applies(x, weight, layout, mask, bias, backend):
+        return packed_for_block_mask(weight, layout, mask)
+    return None
+
+
 @torch.library.custom_op("capkit::masked_linear", mutates_args=())
 def _masked_linear_op(x: torch.Tensor, weight: torch.Tensor, mask: Optional[torch.Tensor],
                       bias: Optional[torch.Tensor], row_ptr: Optional[torch.Tensor],
                       col_idx: Optional[torch.Tensor], col_ptr: Optional[torch.Tensor],
                       row_idx: Optional[torch.Tensor], block_size: int, mask_kind: str, training: bool,
                       backend: str) -> torch.Tensor:
-    if (not training and row_ptr is None and mask_kind == "dense" and mask is not None
-            and csr_applies(x, weight, mask, bias, backend)):
-        # Inference with a fixed 0/1 mask sparse enough for the CSR kernel: the same choice as an
-        # eager masked_linear call makes, taken here too so that a torch.compile graph (which calls
-        # this op with the real tensors) keeps the sparse kernel. The CSR is cached on the mask.
-        return csr_linear(x, packed_for_mask(weight, mask), bias)
     layout = _layout(weight.shape, row_ptr, col_idx, col_ptr, row_idx, block_size)
-    if (not training and mask_kind == "block" and layout is not None
-            and block_csr_applies(x, weight, layout, mask, bias, backend)):
-        return csr_linear(x, packed_for_block_mask(weight, layout, mask), bias)
+    packed = None if training else _inference_csr(x, weight, mask, bias, layout, mask_kind, backend)
+    if packed is not None:
+        return csr_linear(x, packed, bias)
     impl = _resolve(backend, x, weight, mask, layout, mask_kind, training)
     return impl.forward(x, weight, _kernel_mask(mask, weight), bias, layout)
 
@@ -131,7 +137,6 @@ def _(x, weight, mask, bias, row_ptr, col_idx, col_ptr, row_idx, block_size, mas
 # Inference with the steps after the layer (capkit.nn.fuse): one node in a torch.compile graph,
 # so that the CSR kernel applies them inside as it does in eager mode. Registered without a
 # gradient: MaskedLinear calls it only with autograd off.
-_ACTIVATION_CODES = {0: None, 1: "gelu"}
 
 
 @torch.library.custom_op("capkit::masked_linear_fused", mutates_args=())
@@ -145,15 +150,10 @@ def _masked_linear_fused_op(x: torch.Tensor, weight: torch.Tensor, mask: Optiona
     """``x @ (weight * mask)^T + bias``, then GELU (``activation=1``) or ``+ residual`` and/or the
     LayerNorm (``layer_norm``, with ``ln_weight``, ``ln_bias``, ``ln_eps``) over the outputs; x and
     residual 2-D. Inside the CSR kernel where it runs, after the layer otherwise."""
-    if activation not in _ACTIVATION_CODES:
+    if activation not in (0, 1):
         raise ValueError(f"masked_linear_fused: activation must be 0 (none) or 1 (gelu), got {activation}")
-    packed = None
-    if row_ptr is None and mask_kind == "dense" and mask is not None and csr_applies(x, weight, mask, bias, backend):
-        packed = packed_for_mask(weight, mask)
-    elif mask_kind == "block":
-        layout = _layout(weight.shape, row_ptr, col_idx, col_ptr, row_idx, block_size)
-        if layout is not None and block_csr_applies(x, weight, layout, mask, bias, backend):
-            packed = packed_for_block_mask(weight, layout, mask)
+    layout = _layout(weight.shape, row_ptr, col_idx, col_ptr, row_idx, block_size)
+    packed = _inference_csr(x, weight, mask, bias, layout, mask_kind, backend)
     fits = (residual is None or (residual.dtype == torch.float32 and residual.is_cpu)) and all(
         t is None or (t.dtype == torch.float32 and t.is_cpu) for t in (ln_weight, ln_bias))
     if packed is not None and fits:

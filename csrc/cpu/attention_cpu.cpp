@@ -38,34 +38,10 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-bool detect_avx512() {
-#ifdef CAPKIT_X86
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f");
-#else
-  return false;
-#endif
-}
-const bool kAvx512 = detect_avx512();
+const bool kAvx512 = cpu_has_avx512f();
 std::atomic<bool> g_force_plain{false};
 
-struct FreeDeleter {
-  void operator()(float* p) const { std::free(p); }
-};
-
-// Grow-only, 64-byte aligned scratch of the calling thread.
-float* scratch(size_t n) {
-  thread_local std::unique_ptr<float, FreeDeleter> buf;
-  thread_local size_t size = 0;
-  if (n > size) {
-    const size_t bytes = ((n * sizeof(float)) + 63) & ~size_t(63);
-    float* p = static_cast<float*>(std::aligned_alloc(64, std::max<size_t>(bytes, 64)));
-    if (!p) throw std::bad_alloc();
-    buf.reset(p);
-    size = n;
-  }
-  return buf.get();
-}
+float* scratch(size_t n) { return thread_scratch_f32(n, 0); }  // the CSR kernel's, shared
 
 const float* mask_row(const AttentionArgs& a, int64_t b, int64_t h, int64_t i) {
   return a.mask ? a.mask + b * a.m_sb + h * a.m_sh + i * a.m_si : nullptr;

@@ -230,6 +230,15 @@ bool detect_avx2() {
 #endif
 }
 
+bool detect_avx512f() {
+#ifdef CAPKIT_X86
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f");
+#else
+  return false;
+#endif
+}
+
 const bool kHasAvx2 = detect_avx2();
 
 template <int MR>
@@ -490,7 +499,16 @@ void masked_linear_grad_weight_f32(const float* grad_out, const float* x, const 
   }
 }
 
-bool cpu_has_avx2_fma() { return kHasAvx2; }
+// Function-local statics: safe to call from other files' static initialisers.
+bool cpu_has_avx2_fma() {
+  static const bool has = detect_avx2();
+  return has;
+}
+
+bool cpu_has_avx512f() {
+  static const bool has = detect_avx512f();
+  return has;
+}
 
 int cpu_max_threads() {
 #ifdef CAPKIT_WITH_OPENMP

@@ -42,6 +42,7 @@ void masked_linear_grad_weight_f32(const float* grad_out, const float* x, const 
 void advise_huge_pages(void* p, size_t bytes);
 
 bool cpu_has_avx2_fma();
+bool cpu_has_avx512f();
 int cpu_max_threads();
 
 }  // namespace cpu

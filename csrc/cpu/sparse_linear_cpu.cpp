@@ -34,25 +34,8 @@ constexpr int kRowChunk = 64;  // output rows per task (few-token schedule)
 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-bool detect_avx2_fma() {
-#ifdef CAPKIT_X86
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return false;
-#endif
-}
-const bool kAvx2 = detect_avx2_fma();
-
-bool detect_avx512() {
-#ifdef CAPKIT_X86
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f");
-#else
-  return false;
-#endif
-}
-const bool kAvx512 = detect_avx512();
+const bool kAvx2 = cpu_has_avx2_fma();
+const bool kAvx512 = cpu_has_avx512f();
 
 struct FreeDeleter {
   void operator()(float* p) const { std::free(p); }
@@ -465,6 +448,8 @@ float* scratch(size_t n) {
 }
 
 }  // namespace
+
+float* thread_scratch_f32(size_t n, int slot) { return slot == 0 ? scratch<0>(n) : scratch<1>(n); }
 
 void transpose_f32(const float* src, int64_t ls, int64_t rows, int64_t cols, float* dst, int64_t ld) {
   transpose_block(src, ls, rows, cols, dst, ld);

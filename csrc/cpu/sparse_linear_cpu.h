@@ -16,6 +16,7 @@
 // are one pass.
 // The same kernel gives dx = dy @ W when it is handed the CSR of W^T (rows = input features).
 #pragma once
+#include <cstddef>
 #include <cstdint>
 
 namespace capkit {
@@ -32,6 +33,10 @@ struct Epilogue {
   const float* ln_bias = nullptr;
   float ln_eps = 1e-5f;
 };
+
+// Grow-only, 64-byte aligned scratch of the calling thread, one buffer per slot (0 or 1); valid
+// until the next call for the same slot on that thread.
+float* thread_scratch_f32(size_t n, int slot);
 
 // dst[c * ld + r] = src[r * ls + c] for r < rows, c < cols (8 x 8 blocks in registers with AVX2).
 void transpose_f32(const float* src, int64_t ls, int64_t rows, int64_t cols, float* dst, int64_t ld);
