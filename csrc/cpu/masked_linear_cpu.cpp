@@ -239,7 +239,7 @@ bool detect_avx512f() {
 #endif
 }
 
-const bool kHasAvx2 = detect_avx2();
+const bool kHasAvx2 = cpu_has_avx2_fma();
 
 template <int MR>
 inline void acc_tile(float* acc, const float* A, int64_t a_rs, int64_t a_cs, const float* B, int64_t ldb,

@@ -188,7 +188,7 @@ __attribute__((target("avx512f"))) void row_avx512(const float* xt, int64_t ld, 
     // Sixteen weights in one load, each broadcast from the register (a shuffle, off the load
     // ports, which the 3-4 loads of xT per weight keep busy). Measured on the 2-core Xeon with a
     // standalone copy of this loop, one core, 64 tokens, 10% density, the two loops interleaved:
-    // 100 against 110 us at K = 384, N = 1536; 104 against 117 us at K = 1536, N = 384 (panels
+    // 100 against 109 us at K = 384, N = 1536; 104 against 113 us at K = 1536, N = 384 (panels
     // of 256); 42 against 45 us at K = 384, N = 1152, 5% density.
     for (; e + 16 <= e1; e += 16) {
       const __m512 vals = _mm512_loadu_ps(val + e);
