@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from capkit._version import __version__
-from capkit.nn import MaskedLinear, encoder_layers, fuse_for_inference, masked_modules, patch_model, use_cpu_attention
+from capkit.nn import (MaskedLinear, encoder_layers, fuse_for_inference, masked_modules, patch_model, use_cpu_attention,
+                       use_fast_layers)
 from capkit.ops import BlockMask, NMMask, block_grid_to_layout
 
 __all__ = ["FORMATS", "CheckpointError", "load", "save"]
@@ -400,8 +401,8 @@ def load(path: Union[str, os.PathLike], *, device: Union[str, torch.device] = "c
     model = model.to(device).eval()
     _prepack_unstructured(model)
     fuse_for_inference(model)
-    if torch.device(device).type == "cpu":
-        use_cpu_attention(model)
+    if torch.device(device).type == "cpu" and use_cpu_attention(model):
+        use_fast_layers(model)
     return model
 
 

@@ -199,15 +199,17 @@ class MaskedLinear(nn.Module):
     def _fixed_mask_source(self):
         """What current_mask() returns when the mask is fixed (a set tensor or block mask), without
         building anything; None when a criterion, scores or prepared masks decide it."""
+        # plain attribute reads and the parameter/buffer dicts (nn.Module.__getattr__ is slow):
+        # this runs on every inference call of the CSR kernel
         if getattr(self, "_prepared", None) is not None or self.criterion is not None or self.scores is not None:
             return None
         if self._structured is not None:
             return self._structured
+        mask = self._buffers.get("mask")
         if self.block_size is not None:
             cache = self._block_cache
-            mask = self.mask
             return cache[1] if cache is not None and cache[0] == (mask.data_ptr(), tensor_version(mask)) else None
-        return self.mask
+        return mask
 
     def _csr_plan_holds(self, x: torch.Tensor) -> bool:
         """Whether this call may reuse the last CSR call's decision and packed weight: inference
@@ -220,11 +222,14 @@ class MaskedLinear(nn.Module):
         plan = getattr(self, "_csr_plan", None)  # absent in modules pickled by older versions
         if plan is None or torch.is_grad_enabled():
             return False
+        if x.dtype != torch.float32 or not x.is_cpu or torch.is_autocast_enabled("cpu"):
+            return False
         source, state, bias = plan[0], plan[1], plan[2]
+        params = self._parameters
         return (self._fixed_mask_source() is source and _mask_state(source) == state
-                and self.bias is bias and (bias is None or tensor_version(bias) == plan[3]) and self.backend == plan[4]
-                and self.weight is self._csr_watch._tensor and self._csr_watch.unchanged_since_seen(state)
-                and x.dtype == torch.float32 and x.is_cpu and not torch.is_autocast_enabled("cpu"))
+                and params.get("bias") is bias and (bias is None or tensor_version(bias) == plan[3])
+                and self.backend == plan[4] and params.get("weight") is self._csr_watch._tensor
+                and self._csr_watch.unchanged_since_seen(state))
 
     def _remember_csr_call(self, mask, packed: CSRWeight) -> None:
         bias = self.bias

@@ -1,0 +1,241 @@
+"""A lean inference forward for BERT-family encoder layers whose linears run on the CSR kernel.
+
+Once pruning has made a layer's linear layers cheap, the Python around them becomes a large part of
+a CPU forward: transformers' module tree (attention, self-attention, the attention interface, the
+output blocks, the feed-forward chunking) and capkit's per-module checks cost about 0.4 ms per layer
+on the 2-core Xeon, against about 1 ms for the six sparse linear layers and the attention of one
+128-token MiniLM sequence. :func:`use_fast_layers` (``capkit.load`` calls it) gives every such layer
+a forward that, when the whole layer can run on capkit's CPU kernels, checks that once and then
+calls the kernels directly: the three projections, the attention kernel, the attention output with
+its residual sum and LayerNorm, the first feed-forward layer with its GELU, and the second with its
+residual sum and LayerNorm. Every other call (training, autograd, tracing, hooks on a sub-module,
+cross-attention or a cache, a mask or dtype the kernels do not take, a linear layer that is not on
+the CSR kernel) runs the layer's own forward unchanged, and so gives exactly what it gave before.
+
+The layer keeps its class's behaviour: its class becomes a subclass of the original (``isinstance``,
+the state dict, gradient checkpointing and every attribute are unchanged), and it pickles and
+deep-copies as such.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from capkit.nn.fuse import GeluIntermediate, ResidualOutput
+from capkit.nn.masked_linear import MaskedLinear
+
+__all__ = ["fast_layer_applies", "use_fast_layers"]
+
+_CLASSES: Dict[type, type] = {}
+# keyword arguments a BERT layer's own forward passes on without effect on its output
+# (hidden states are recorded by hooks around each layer)
+_IGNORED = frozenset({"position_ids", "output_hidden_states"})
+
+
+def _layer_shape(layer: nn.Module) -> bool:
+    """Whether ``layer`` has the structure of a transformers BERT-family encoder layer after
+    :func:`~capkit.nn.fuse_for_inference`: ``attention.self`` with query/key/value MaskedLinears,
+    ``attention.output`` and ``output`` as :class:`ResidualOutput`, ``intermediate`` as
+    :class:`GeluIntermediate`, no chunked feed-forward, not a decoder."""
+    attention = getattr(layer, "attention", None)
+    sa = getattr(attention, "self", None)
+    if sa is None or not all(isinstance(getattr(sa, n, None), MaskedLinear) for n in ("query", "key", "value")):
+        return False
+    if not all(hasattr(sa, n) for n in ("num_attention_heads", "attention_head_size", "scaling", "config")):
+        return False
+    return (isinstance(getattr(attention, "output", None), ResidualOutput)
+            and isinstance(getattr(layer, "intermediate", None), GeluIntermediate)
+            and isinstance(getattr(layer, "output", None), ResidualOutput)
+            and getattr(layer, "chunk_size_feed_forward", 0) == 0 and not getattr(layer, "is_decoder", False)
+            and not getattr(sa, "is_causal", False))
+
+
+def _new_fast_layer(base: type) -> nn.Module:
+    """Unpickling: an empty instance of the fast subclass of ``base`` (its state is set after)."""
+    cls = _fast_class(base)
+    return cls.__new__(cls)
+
+
+class _FastLayer:
+    """Mixed in before a BERT-family layer class; see the module docstring."""
+
+    _capkit_base: type = nn.Module
+
+    def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
+        parts = fast_layer_applies(self, hidden_states, attention_mask, args, kwargs)
+        if parts is None:
+            out = super().forward(hidden_states, attention_mask, *args, **kwargs)
+            if self.__dict__.get("_capkit_returns") is None and not torch.compiler.is_compiling():
+                # what the layer returns (a tensor, or a 1-tuple in older transformers): the fast path returns the same
+                self.__dict__["_capkit_returns"] = "tuple" if isinstance(out, tuple) and len(out) == 1 else (
+                    "tensor" if isinstance(out, torch.Tensor) else None)
+            return out
+        y = _run(parts, hidden_states, attention_mask)
+        return (y,) if self.__dict__.get("_capkit_returns") == "tuple" else y
+
+    def __reduce_ex__(self, protocol):
+        return _new_fast_layer, (self._capkit_base,), self.__getstate__()
+
+
+def _fast_class(base: type) -> type:
+    cls = _CLASSES.get(base)
+    if cls is None:
+        cls = type(base.__name__, (_FastLayer, base), {"_capkit_base": base, "__module__": base.__module__,
+                                                        "__qualname__": base.__qualname__})
+        _CLASSES[base] = cls
+    return cls
+
+
+_NO_COLLECTOR = object()
+
+
+def _collector():
+    """transformers' active output collector (a dict of what the running call records: hidden
+    states, attentions), None outside a model call, or ``_NO_COLLECTOR`` where transformers has no
+    output-capturing hooks. Those hooks, once installed by a call that asked for hidden states or
+    attentions, stay on their modules and act only in a call that asks for their output again."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # pragma: no cover - another transformers version
+        return _NO_COLLECTOR
+    return _active_collector.get()
+
+
+def _inert(hook, collector) -> bool:
+    """Whether ``hook`` is transformers' output-capturing hook and records nothing in this call."""
+    if collector is _NO_COLLECTOR or not getattr(hook, "__qualname__", "").endswith(
+            "install_output_capuring_hook.<locals>.output_capturing_hook"):
+        return False
+    if collector is None:
+        return True
+    try:
+        key = hook.__closure__[hook.__code__.co_freevars.index("key")].cell_contents
+    except (AttributeError, ValueError, TypeError, IndexError):
+        return False
+    return key not in collector
+
+
+def _no_hooks(layer: nn.Module) -> bool:
+    """No forward hooks that would act, global or on a module under ``layer`` (the layer's own run
+    around this forward, as for any module). A walk over ``_modules``: ``nn.Module.modules()``
+    costs several times more, and this runs on every call."""
+    from torch.nn.modules import module as module_mod
+
+    if (module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks
+            or getattr(module_mod, "_global_forward_hooks_always_called", None)):
+        return False
+    collector = _NO_COLLECTOR
+    asked = False
+    stack = list(layer._modules.values())
+    while stack:
+        m = stack.pop()
+        if m is None:
+            continue
+        if m._forward_pre_hooks:
+            return False
+        if m._forward_hooks:
+            if not asked:
+                collector, asked = _collector(), True
+            if not all(_inert(h, collector) for h in m._forward_hooks.values()):
+                return False
+        stack.extend(m._modules.values())
+    return True
+
+
+def _ln_fits(layer_norm, n: int) -> bool:
+    """``capkit.ops.sparse_format.layer_norm_fits`` without ``nn.Module.__getattr__``."""
+    if type(layer_norm) is not nn.LayerNorm or tuple(layer_norm.normalized_shape) != (n,):
+        return False
+    return all(p is None or (p.dtype == torch.float32 and p.is_cpu) for p in layer_norm._parameters.values())
+
+
+def fast_layer_applies(layer: nn.Module, hidden_states, attention_mask=None, args=(), kwargs=None):
+    """``(self-attention, the six linear layers, the two LayerNorms)`` (the linears: query, key,
+    value, attention output, feed-forward in, feed-forward out) when a call of ``layer`` with these arguments can take the fast path, else None. The
+    conditions are those of each step's own kernel path (see the module docstring); the first call
+    of a layer always runs its own forward, which sets up each linear layer's CSR decision."""
+    if torch.compiler.is_compiling() or torch.is_grad_enabled() or layer.training:
+        return None
+    if layer.__dict__.get("_capkit_returns") is None:
+        return None
+    if any(a is not None for a in args):
+        return None
+    if kwargs:
+        for key, value in kwargs.items():
+            if key not in _IGNORED and value is not None and value is not False:
+                return None
+    if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3 or hidden_states.dtype != torch.float32 \
+            or not hidden_states.is_cpu or torch.is_autocast_enabled("cpu"):
+        return None
+    if attention_mask is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4
+                                           and attention_mask.is_cpu):
+        return None
+    from capkit.nn import attention as attn
+
+    mods = layer._modules
+    att, inter, out = mods.get("attention"), mods.get("intermediate"), mods.get("output")
+    sa, ao = att._modules.get("self"), att._modules.get("output")
+    if getattr(sa.config, "_attn_implementation", None) != attn.ATTENTION_NAME or not attn._available:
+        return None
+    if not (isinstance(ao, ResidualOutput) and isinstance(inter, GeluIntermediate) and isinstance(out, ResidualOutput)):
+        return None
+    sm = sa._modules
+    linears = (sm.get("query"), sm.get("key"), sm.get("value"), ao._modules.get("dense"), inter._modules.get("dense"),
+               out._modules.get("dense"))
+    if not all(type(m) is MaskedLinear for m in linears):
+        return None
+    if sa.training or ao._modules["dropout"].training or out._modules["dropout"].training or not _no_hooks(layer):
+        return None
+    h = hidden_states.shape[-1]
+    if sa.num_attention_heads * sa.attention_head_size != h or any(m.in_features != h for m in linears[:4]) \
+            or linears[3].out_features != h or linears[5].out_features != h \
+            or linears[4].out_features != linears[5].in_features:
+        return None
+    if not (_ln_fits(ao._modules["LayerNorm"], h) and _ln_fits(out._modules["LayerNorm"], h)):
+        return None
+    if not all(m._csr_plan_holds(hidden_states) for m in linears):
+        return None
+    return sa, linears, ao._modules["LayerNorm"], out._modules["LayerNorm"]
+
+
+def _ln(layer_norm: nn.LayerNorm):
+    p = layer_norm._parameters
+    w, b = p.get("weight"), p.get("bias")
+    return (None if w is None else w.detach(), None if b is None else b.detach(), float(layer_norm.eps))
+
+
+def _run(parts, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    from capkit.nn.attention import cpu_attention
+    from capkit.ops.sparse_format import csr_kernel_call
+
+    sa, (q_l, k_l, v_l, o_l, i_l, f_l), ln1, ln2 = parts
+    b, s, h = hidden_states.shape
+    x = hidden_states.reshape(b * s, h).contiguous()
+    heads = (b, s, sa.num_attention_heads, sa.attention_head_size)
+
+    def call(m, inp, *steps):
+        return csr_kernel_call(inp, m._csr_plan[5], m._parameters.get("bias"), *steps)
+
+    q, k, v = (call(m, x).view(heads).transpose(1, 2) for m in (q_l, k_l, v_l))
+    ctx = cpu_attention(q, k, v, attention_mask, sa.scaling).view(b * s, h)
+    a = call(o_l, ctx, 0, x, True, *_ln(ln1))
+    y = call(f_l, call(i_l, a, 1), 0, a, True, *_ln(ln2))
+    return y.view(b, s, h)
+
+
+def use_fast_layers(model: nn.Module) -> int:
+    """Give every BERT-family encoder layer of ``model`` (after
+    :func:`~capkit.nn.fuse_for_inference`, with MaskedLinear projections) the fast inference
+    forward, in place; returns how many layers got it (layers that have it already are not
+    counted). The model's outputs are unchanged on every path."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"use_fast_layers: model must be an nn.Module, got {type(model).__name__}")
+    n = 0
+    for module in model.modules():
+        if isinstance(module, _FastLayer) or not _layer_shape(module):
+            continue
+        module.__class__ = _fast_class(type(module))
+        n += 1
+    return n

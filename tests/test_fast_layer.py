@@ -1,0 +1,241 @@
+"""The fast inference forward of BERT-family layers (capkit.nn.use_fast_layers, used by
+capkit.load): the same outputs as the layer's own forward, taken only where every step runs on
+capkit's CPU kernels, and the layer's own forward on every other call."""
+import copy
+import pickle
+from unittest import mock
+
+import pytest
+import torch
+
+from capkit.nn import MaskedLinear, fuse_for_inference, patch_model, use_cpu_attention, use_fast_layers
+from capkit.nn import fast_layer
+from capkit.nn.attention import cpu_attention_available
+from capkit.ops import backend_status
+from capkit.ops import sparse_format
+
+pytestmark = pytest.mark.skipif(backend_status(torch.device("cpu"))["cpu"] is not None
+                                or not cpu_attention_available(),
+                                reason="capkit._C with the vectorised CPU attention is not available")
+
+
+@pytest.fixture(autouse=True)
+def csr_threshold():
+    with mock.patch.object(sparse_format, "csr_max_density", lambda dtype=torch.float32: 0.3):
+        yield
+
+
+def _models(**overrides):
+    """(plain: the pruned model on its modules' own forwards, fast: a copy with fast layers)."""
+    from _models import tiny_bert
+
+    model = tiny_bert(**overrides)
+    patch_model(model)
+    g = torch.Generator().manual_seed(5)
+    for m in model.modules():
+        if isinstance(m, MaskedLinear):
+            mask = torch.rand(m.out_features, m.in_features, generator=g) < 0.15
+            mask[0] = False  # an empty row
+            m.set_mask(mask)
+    with torch.no_grad():  # transformers starts biases at 0 and LayerNorms at 1 / 0: make them count
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "LayerNorm" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    fuse_for_inference(model)
+    assert use_cpu_attention(model)
+    fast = copy.deepcopy(model)
+    assert use_fast_layers(fast) == model.config.num_hidden_layers
+    return model, fast
+
+
+def _batch(config, **kw):
+    from _models import token_batch
+
+    return token_batch(config, **kw)
+
+
+def _run_counter():
+    return mock.patch.object(fast_layer, "_run", wraps=fast_layer._run)
+
+
+@pytest.mark.parametrize("shape", [(3, 9), (1, 1), (2, 17)])
+def test_fast_layers_match_the_layers_own_forward(shape):
+    plain, fast = _models()
+    batch = _batch(plain.config, batch=shape[0], seq=shape[1])
+    batch["attention_mask"][-1, :] = 1  # one sequence without padding
+    with torch.inference_mode():
+        expected = plain(**batch).logits
+        first = fast(**batch).logits  # first call: the layers' own forward (it sets up the CSR decisions)
+        with _run_counter() as run:
+            again = fast(**batch).logits
+    assert run.call_count == plain.config.num_hidden_layers
+    torch.testing.assert_close(first, expected, atol=0, rtol=0)
+    torch.testing.assert_close(again, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_fast_layers_match_the_float64_model():
+    plain, fast = _models()
+    batch = _batch(plain.config)
+    ref = copy.deepcopy(plain)
+    for m in ref.modules():
+        if isinstance(m, MaskedLinear):
+            m.backend = "torch"
+    ref = ref.double()
+    ref.config._attn_implementation = "eager"
+    with torch.inference_mode():
+        fast(**batch)
+        y = fast(**batch).logits
+        expected = ref(**batch).logits
+    torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_fast_layers_keep_class_state_and_pickling():
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    from transformers.models.bert.modeling_bert import BertLayer
+
+    plain, fast = _models()
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    layer = fast.bert.encoder.layer[0]
+    assert isinstance(layer, BertLayer) and isinstance(layer, GradientCheckpointingLayer)
+    assert type(layer).__name__ == "BertLayer"
+    assert use_fast_layers(fast) == 0  # already there
+    batch = _batch(plain.config)
+    with torch.inference_mode():
+        fast(**batch)
+        expected = fast(**batch).logits
+    for clone in (pickle.loads(pickle.dumps(fast)), copy.deepcopy(fast)):
+        assert all(isinstance(x, fast_layer._FastLayer) for x in clone.bert.encoder.layer)
+        with torch.inference_mode():
+            clone(**batch)
+            with _run_counter() as run:
+                torch.testing.assert_close(clone(**batch).logits, expected, atol=1e-6, rtol=1e-5)
+        assert run.call_count == plain.config.num_hidden_layers
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        use_fast_layers("model")
+
+
+def _no_fast_calls(fast, batch, expected, **kw):
+    with _run_counter() as run:
+        out = fast(**batch, **kw)
+        torch.testing.assert_close(out.logits, expected, atol=1e-6, rtol=1e-5)
+    assert run.call_count == 0
+    return out
+
+
+def test_calls_the_fast_path_does_not_take_run_the_layers_own_forward():
+    plain, fast = _models()
+    batch = _batch(plain.config)
+    with torch.inference_mode():
+        expected = plain(**batch).logits
+        fast(**batch)
+    with torch.no_grad():
+        fast(**batch)
+        with _run_counter() as run:
+            fast(**batch)
+        assert run.call_count == plain.config.num_hidden_layers  # no_grad is inference too
+    # autograd on
+    _no_fast_calls(fast, batch, expected)
+    with torch.inference_mode():
+        # attentions and hidden states asked for: transformers records them with hooks
+        out = _no_fast_calls(fast, batch, expected, output_attentions=True, output_hidden_states=True)
+        ref = plain(**batch, output_attentions=True, output_hidden_states=True)
+        assert len(out.hidden_states) == len(ref.hidden_states) == plain.config.num_hidden_layers + 1
+        for a, b in zip(out.hidden_states, ref.hidden_states):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        # hidden states alone are recorded around each layer: the fast path still runs
+        with _run_counter() as run:
+            out = fast(**batch, output_hidden_states=True)
+        assert run.call_count == plain.config.num_hidden_layers
+        for a, b in zip(out.hidden_states, ref.hidden_states, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        # a hook on a module inside a layer
+        seen = []
+        handle = fast.bert.encoder.layer[1].intermediate.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        try:
+            with _run_counter() as run:
+                torch.testing.assert_close(fast(**batch).logits, expected, atol=1e-6, rtol=1e-5)
+        finally:
+            handle.remove()
+        assert len(seen) == 1 and run.call_count == plain.config.num_hidden_layers - 1
+        # the attention switched back to transformers' SDPA
+        fast.config._attn_implementation = "sdpa"
+        try:
+            _no_fast_calls(fast, batch, expected)
+        finally:
+            fast.config._attn_implementation = plain.config._attn_implementation
+        # a linear layer denser than the CSR kernel takes
+        layer = fast.bert.encoder.layer[2]
+        layer.output.dense.set_mask(torch.ones_like(layer.output.dense.mask))
+        plain.bert.encoder.layer[2].output.dense.set_mask(torch.ones_like(layer.output.dense.mask))
+        dense_expected = plain(**batch).logits
+        with _run_counter() as run:
+            for _ in range(2):
+                torch.testing.assert_close(fast(**batch).logits, dense_expected, atol=1e-6, rtol=1e-5)
+        assert run.call_count == 2 * (plain.config.num_hidden_layers - 1)
+    fast.train()
+    with torch.no_grad():
+        _no_fast_calls(fast, batch, dense_expected)
+
+
+def test_a_weight_written_in_place_is_seen():
+    plain, fast = _models()
+    batch = _batch(plain.config)
+    with torch.inference_mode():
+        fast(**batch)
+        fast(**batch)
+    for model in (plain, fast):
+        with torch.no_grad():
+            model.bert.encoder.layer[0].intermediate.dense.weight.mul_(3.0)
+            model.bert.encoder.layer[1].attention.self.value.bias.add_(1.0)
+            model.bert.encoder.layer[2].output.LayerNorm.weight.mul_(0.5)
+    with torch.inference_mode():
+        expected = plain(**batch).logits
+        for _ in range(2):
+            torch.testing.assert_close(fast(**batch).logits, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_gradient_checkpointing_still_trains():
+    plain, fast = _models()
+    fast.gradient_checkpointing_enable()
+    assert all(layer.gradient_checkpointing for layer in fast.bert.encoder.layer)
+    fast.train()
+    batch = _batch(plain.config)
+    plain.train()
+    fast(**batch).logits.square().sum().backward()
+    plain(**batch).logits.square().sum().backward()
+    for (n, p), q in zip(fast.named_parameters(), plain.parameters()):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_capkit_load_gives_fast_layers(tmp_path):
+    import capkit
+    from capkit.export import save
+
+    plain, _ = _models()
+    save(plain, tmp_path / "s", format="sparse")
+    loaded = capkit.load(tmp_path / "s")
+    assert all(isinstance(x, fast_layer._FastLayer) for x in loaded.bert.encoder.layer)
+    batch = _batch(plain.config)
+    with torch.inference_mode():
+        expected = plain(**batch).logits
+        loaded(**batch)
+        with _run_counter() as run:
+            torch.testing.assert_close(loaded(**batch).logits, expected, atol=1e-6, rtol=1e-5)
+    assert run.call_count == plain.config.num_hidden_layers
+
+
+def test_compiled_fast_model_runs_the_layers_own_forward():
+    import torch._dynamo
+    import torch._dynamo.testing
+
+    torch._dynamo.reset()
+    plain, fast = _models()
+    batch = _batch(plain.config)
+    with torch.no_grad():
+        expected = plain(**batch).logits
+        counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(fast, backend=counter, fullgraph=True)
+        for _ in range(2):
+            torch.testing.assert_close(compiled(**batch).logits, expected, atol=1e-5, rtol=1e-5)
+    assert counter.frame_count == 1
