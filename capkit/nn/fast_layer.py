@@ -2,9 +2,9 @@
 
 Once pruning has made a layer's linear layers cheap, the Python around them becomes a large part of
 a CPU forward: transformers' module tree (attention, self-attention, the attention interface, the
-output blocks, the feed-forward chunking) and capkit's per-module checks cost about 0.4 ms per layer
-on the 2-core Xeon, against about 1 ms for the six sparse linear layers and the attention of one
-128-token MiniLM sequence. :func:`use_fast_layers` (``capkit.load`` calls it) gives every such layer
+output blocks, the feed-forward chunking) and capkit's per-module checks cost roughly 0.4 ms per
+layer on the 2-core Xeon, against roughly 0.9 ms for the six sparse linear layers and the attention
+of one 128-token MiniLM sequence (90% unstructured; scratch profile and A/B under outside load). :func:`use_fast_layers` (``capkit.load`` calls it) gives every such layer
 a forward that, when the whole layer can run on capkit's CPU kernels, checks that once and then
 calls the kernels directly: the three projections, the attention kernel, the attention output with
 its residual sum and LayerNorm, the first feed-forward layer with its GELU, and the second with its
@@ -23,8 +23,11 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
+from capkit.nn import attention as attn
+from capkit.nn.attention import cpu_attention
 from capkit.nn.fuse import GeluIntermediate, ResidualOutput
 from capkit.nn.masked_linear import MaskedLinear
+from capkit.ops.sparse_format import csr_kernel_call, layer_norm_args, layer_norm_fits
 
 __all__ = ["fast_layer_applies", "use_fast_layers"]
 
@@ -144,13 +147,6 @@ def _no_hooks(layer: nn.Module) -> bool:
     return True
 
 
-def _ln_fits(layer_norm, n: int) -> bool:
-    """``capkit.ops.sparse_format.layer_norm_fits`` without ``nn.Module.__getattr__``."""
-    if type(layer_norm) is not nn.LayerNorm or tuple(layer_norm.normalized_shape) != (n,):
-        return False
-    return all(p is None or (p.dtype == torch.float32 and p.is_cpu) for p in layer_norm._parameters.values())
-
-
 def fast_layer_applies(layer: nn.Module, hidden_states, attention_mask=None, args=(), kwargs=None):
     """``(self-attention, the six linear layers, the two LayerNorms)`` (the linears: query, key,
     value, attention output, feed-forward in, feed-forward out) when a call of ``layer`` with these arguments can take the fast path, else None. The
@@ -172,8 +168,6 @@ def fast_layer_applies(layer: nn.Module, hidden_states, attention_mask=None, arg
     if attention_mask is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4
                                            and attention_mask.is_cpu):
         return None
-    from capkit.nn import attention as attn
-
     mods = layer._modules
     att, inter, out = mods.get("attention"), mods.get("intermediate"), mods.get("output")
     sa, ao = att._modules.get("self"), att._modules.get("output")
@@ -193,23 +187,14 @@ def fast_layer_applies(layer: nn.Module, hidden_states, attention_mask=None, arg
             or linears[3].out_features != h or linears[5].out_features != h \
             or linears[4].out_features != linears[5].in_features:
         return None
-    if not (_ln_fits(ao._modules["LayerNorm"], h) and _ln_fits(out._modules["LayerNorm"], h)):
+    if not (layer_norm_fits(ao._modules["LayerNorm"], h) and layer_norm_fits(out._modules["LayerNorm"], h)):
         return None
     if not all(m._csr_plan_holds(hidden_states) for m in linears):
         return None
     return sa, linears, ao._modules["LayerNorm"], out._modules["LayerNorm"]
 
 
-def _ln(layer_norm: nn.LayerNorm):
-    p = layer_norm._parameters
-    w, b = p.get("weight"), p.get("bias")
-    return (None if w is None else w.detach(), None if b is None else b.detach(), float(layer_norm.eps))
-
-
 def _run(parts, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
-    from capkit.nn.attention import cpu_attention
-    from capkit.ops.sparse_format import csr_kernel_call
-
     sa, (q_l, k_l, v_l, o_l, i_l, f_l), ln1, ln2 = parts
     b, s, h = hidden_states.shape
     x = hidden_states.reshape(b * s, h).contiguous()
@@ -220,8 +205,8 @@ def _run(parts, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tens
 
     q, k, v = (call(m, x).view(heads).transpose(1, 2) for m in (q_l, k_l, v_l))
     ctx = cpu_attention(q, k, v, attention_mask, sa.scaling).view(b * s, h)
-    a = call(o_l, ctx, 0, x, True, *_ln(ln1))
-    y = call(f_l, call(i_l, a, 1), 0, a, True, *_ln(ln2))
+    a = call(o_l, ctx, 0, x, True, *layer_norm_args(ln1))
+    y = call(f_l, call(i_l, a, 1), 0, a, True, *layer_norm_args(ln2))
     return y.view(b, s, h)
 
 

@@ -112,7 +112,19 @@ def layer_norm_fits(layer_norm, out_features: int) -> bool:
     exactly the ``out_features`` outputs, with fp32 CPU parameters (or none)."""
     if not isinstance(layer_norm, torch.nn.LayerNorm) or tuple(layer_norm.normalized_shape) != (out_features,):
         return False
-    return all(p is None or (p.dtype == torch.float32 and p.is_cpu) for p in (layer_norm.weight, layer_norm.bias))
+    # the parameter dict, not nn.Module.__getattr__: this runs on every fused inference call
+    params = layer_norm._parameters
+    return all(p is None or (p.dtype == torch.float32 and p.is_cpu) for p in (params.get("weight"), params.get("bias")))
+
+
+def layer_norm_args(layer_norm: Optional[torch.nn.LayerNorm]) -> tuple:
+    """``(weight, bias, eps)`` of ``layer_norm`` as :func:`csr_kernel_call` takes them (detached;
+    None for absent parameters; ``(None, None, 1e-5)`` without a LayerNorm)."""
+    if layer_norm is None:
+        return None, None, 1e-5
+    p = layer_norm._parameters
+    w, b = p.get("weight"), p.get("bias")
+    return None if w is None else w.detach(), None if b is None else b.detach(), float(layer_norm.eps)
 
 
 def csr_linear(x: torch.Tensor, packed: CSRWeight, bias: Optional[torch.Tensor] = None,
@@ -141,14 +153,8 @@ def csr_linear(x: torch.Tensor, packed: CSRWeight, bias: Optional[torch.Tensor] 
             raise ValueError(f"csr_linear: residual must have the output's shape {(*lead, out_f)}, "
                              f"got {tuple(residual.shape)}")
         residual = residual.reshape(-1, out_f)
-    ln_w = ln_b = None
-    eps = 1e-5
-    if layer_norm is not None:
-        ln_w = None if layer_norm.weight is None else layer_norm.weight.detach()
-        ln_b = None if layer_norm.bias is None else layer_norm.bias.detach()
-        eps = float(layer_norm.eps)
     y = csr_kernel_call(x.reshape(-1, in_f), packed, bias, 1 if activation == "gelu" else 0, residual,
-                        layer_norm is not None, ln_w, ln_b, eps)
+                        layer_norm is not None, *layer_norm_args(layer_norm))
     return y.view(*lead, out_f)
 
 
