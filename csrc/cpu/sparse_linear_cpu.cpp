@@ -80,21 +80,35 @@ __attribute__((target("avx2,fma"))) inline void transpose8x8(const float* src, i
 }
 #endif
 
-// dst[c * ld + r] = src[r * ls + c] for r < rows, c < cols.
+// dst[c * ld + r] = src[r * ls + c] for r < rows, c < cols. Blocks of 16 columns outer and 8
+// rows inner: each pass writes 16 rows of dst one after the other and reads whole 64-byte lines
+// of src, so neither side keeps more than 16 lines open at a stride. With the rows outer, a
+// 1536-float ld kept 64 dst lines open at a 6 KiB stride, which fall into two L1 sets: on the
+// 2-core Xeon, one core, 64 tokens, 10% density, a 384 -> 1536 call took 145-149 us that way and
+// 114-117 us this way (the row loops alone, without any transpose: 96 us).
 void transpose_block(const float* src, int64_t ls, int64_t rows, int64_t cols, float* dst, int64_t ld) {
-  int64_t r0 = 0;
+  int64_t c0 = 0;
 #ifdef CAPKIT_X86
   if (kAvx2) {
-    for (; r0 + 8 <= rows; r0 += 8) {
-      int64_t c0 = 0;
-      for (; c0 + 8 <= cols; c0 += 8) transpose8x8(src + r0 * ls + c0, ls, dst + c0 * ld + r0, ld);
-      for (int64_t c = c0; c < cols; ++c)
-        for (int64_t r = r0; r < r0 + 8; ++r) dst[c * ld + r] = src[r * ls + c];
+    const int64_t r8 = rows - rows % 8;
+    for (; c0 + 16 <= cols; c0 += 16) {
+      for (int64_t r0 = 0; r0 < r8; r0 += 8) {
+        transpose8x8(src + r0 * ls + c0, ls, dst + c0 * ld + r0, ld);
+        transpose8x8(src + r0 * ls + c0 + 8, ls, dst + (c0 + 8) * ld + r0, ld);
+      }
+      for (int64_t c = c0; c < c0 + 16; ++c)
+        for (int64_t r = r8; r < rows; ++r) dst[c * ld + r] = src[r * ls + c];
+    }
+    if (c0 + 8 <= cols) {
+      for (int64_t r0 = 0; r0 < r8; r0 += 8) transpose8x8(src + r0 * ls + c0, ls, dst + c0 * ld + r0, ld);
+      for (int64_t c = c0; c < c0 + 8; ++c)
+        for (int64_t r = r8; r < rows; ++r) dst[c * ld + r] = src[r * ls + c];
+      c0 += 8;
     }
   }
 #endif
-  for (int64_t c = 0; c < cols; ++c)
-    for (int64_t r = r0; r < rows; ++r) dst[c * ld + r] = src[r * ls + c];
+  for (int64_t c = c0; c < cols; ++c)
+    for (int64_t r = 0; r < rows; ++r) dst[c * ld + r] = src[r * ls + c];
 }
 
 // acc[0 : 8V] = bias + sum_e values[e] * xt[col_idx[e] * kTok + 0 : 8V] for one output row.
