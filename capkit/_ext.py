@@ -33,8 +33,13 @@ def _register_fake_kernels() -> None:
     def attention(q, k, v, mask, scale):  # capkit::attention_forward -> [B, Sq, H, D]
         return q.new_empty((q.shape[0], q.shape[2], q.shape[1], q.shape[3]))
 
+    def encoder_layer(x, mask, heads, scale, *weights_and_norms):  # capkit::encoder_layer_forward -> x's shape
+        return x.new_empty(x.shape)
+
     if hasattr(torch.ops.capkit, "attention_forward"):
         torch.library.register_fake("capkit::attention_forward")(attention)
+    if hasattr(torch.ops.capkit, "encoder_layer_forward"):
+        torch.library.register_fake("capkit::encoder_layer_forward")(encoder_layer)
 
 
 @functools.lru_cache(maxsize=None)

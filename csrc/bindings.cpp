@@ -260,6 +260,50 @@ Tensor attention_forward_cpu(const Tensor& q, const Tensor& k, const Tensor& v, 
   return out;
 }
 
+// One BERT-family encoder layer on the CPU kernels, for inference: x [B, S, hidden] (contiguous);
+// linears in the order query, key, value, attention output, feed-forward in, feed-forward out,
+// each a panelled CSR (ptrs / col_idx / values / bias / out_features / panels, one entry each);
+//   q, k, v = x W_q^T + b_q, ...      split into `heads` heads of hidden / heads features
+//   a = LayerNorm1(attention(q, k, v, mask, scale) W_o^T + b_o + x)
+//   y = LayerNorm2(gelu(a W_i^T + b_i) W_f^T + b_f + a)
+// The same calls the layer's Python fast path made one by one (csr_linear_forward and
+// attention_forward, with their checks), in one dispatch instead of seven.
+Tensor encoder_layer_forward_cpu(const Tensor& x, const OptTensor& mask, int64_t heads, double scale,
+                                 at::TensorList ptrs, at::TensorList col_idx, at::TensorList values,
+                                 const c10::List<std::optional<Tensor>>& biases, at::IntArrayRef out_features,
+                                 at::IntArrayRef panels, const OptTensor& ln1_weight, const OptTensor& ln1_bias,
+                                 double ln1_eps, const OptTensor& ln2_weight, const OptTensor& ln2_bias,
+                                 double ln2_eps) {
+  TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), "capkit: x must be a contiguous [batch, positions, hidden] tensor, "
+              "got shape ", x.sizes());
+  check_f32_cpu(x, "x");
+  for (const size_t n : {ptrs.size(), col_idx.size(), values.size(), biases.size(), out_features.size(),
+                         panels.size()}) {
+    TORCH_CHECK(n == 6, "capkit: encoder_layer_forward takes 6 linear layers (query, key, value, attention output, "
+                "feed-forward in, feed-forward out), got a list of ", n);
+  }
+  const int64_t B = x.size(0), S = x.size(1), Hd = x.size(2);
+  TORCH_CHECK(heads > 0 && Hd % heads == 0, "capkit: heads (", heads, ") must divide the hidden size ", Hd);
+  for (int i : {0, 1, 2, 3, 5})
+    TORCH_CHECK(out_features[i] == Hd, "capkit: linear ", i, " must have ", Hd, " outputs, got ", out_features[i]);
+  const int64_t d = Hd / heads;
+  auto linear = [&](const Tensor& in, int i, int64_t activation, const OptTensor& residual, bool ln,
+                    const OptTensor& w, const OptTensor& b, double eps) {
+    auto contiguous = [](const OptTensor& t) { return t.has_value() ? OptTensor(t->contiguous()) : t; };
+    return csr_linear_forward_cpu(in, ptrs[i], col_idx[i], values[i], contiguous(biases.get(i)), out_features[i],
+                                  panels[i], activation, residual, ln, contiguous(w), contiguous(b), eps);
+  };
+  const Tensor x2 = x.view({B * S, Hd});
+  auto heads_view = [&](const Tensor& t) { return t.view({B, S, heads, d}).transpose(1, 2); };
+  const Tensor q = linear(x2, 0, cpu::kActivationNone, std::nullopt, false, std::nullopt, std::nullopt, 1e-5);
+  const Tensor k = linear(x2, 1, cpu::kActivationNone, std::nullopt, false, std::nullopt, std::nullopt, 1e-5);
+  const Tensor v = linear(x2, 2, cpu::kActivationNone, std::nullopt, false, std::nullopt, std::nullopt, 1e-5);
+  const Tensor ctx = attention_forward_cpu(heads_view(q), heads_view(k), heads_view(v), mask, scale).view({B * S, Hd});
+  const Tensor a = linear(ctx, 3, cpu::kActivationNone, x2, true, ln1_weight, ln1_bias, ln1_eps);
+  const Tensor h = linear(a, 4, cpu::kActivationGelu, std::nullopt, false, std::nullopt, std::nullopt, 1e-5);
+  return linear(h, 5, cpu::kActivationNone, a, true, ln2_weight, ln2_bias, ln2_eps).view({B, S, Hd});
+}
+
 // ---------------------------------------------------------------------------------------------
 // info_nce: the checks and views shared by the forward and backward.
 void check_cpu(const Tensor& t, const char* name) {
@@ -366,6 +410,10 @@ TORCH_LIBRARY(capkit, m) {
       "Tensor? ln_weight=None, Tensor? ln_bias=None, float ln_eps=1e-05) -> Tensor");
   m.def("attention_forward(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
   m.def(
+      "encoder_layer_forward(Tensor x, Tensor? mask, int heads, float scale, Tensor[] ptrs, Tensor[] col_idx, "
+      "Tensor[] values, Tensor?[] biases, int[] out_features, int[] panels, Tensor? ln1_weight, Tensor? ln1_bias, "
+      "float ln1_eps, Tensor? ln2_weight, Tensor? ln2_bias, float ln2_eps) -> Tensor");
+  m.def(
       "info_nce_forward(Tensor qs, Tensor keys, Tensor? key_scale, Tensor qid, Tensor kid, Tensor? qlab, "
       "Tensor? klab, Tensor? self_index) -> Tensor");
   m.def(
@@ -379,6 +427,7 @@ TORCH_LIBRARY_IMPL(capkit, CPU, m) {
   m.impl("masked_linear_grad_weight", &capkit::grad_weight_cpu);
   m.impl("csr_linear_forward", &capkit::csr_linear_forward_cpu);
   m.impl("attention_forward", &capkit::attention_forward_cpu);
+  m.impl("encoder_layer_forward", &capkit::encoder_layer_forward_cpu);
   m.impl("info_nce_forward", &capkit::info_nce_forward_cpu);
   m.impl("info_nce_backward", &capkit::info_nce_backward_cpu);
 }

@@ -239,3 +239,85 @@ def test_compiled_fast_model_runs_the_layers_own_forward():
         for _ in range(2):
             torch.testing.assert_close(compiled(**batch).logits, expected, atol=1e-5, rtol=1e-5)
     assert counter.frame_count == 1
+
+
+def _reference_layer(x, mask, heads, scale, weights, biases, ln1, ln2):
+    """The encoder layer in float64 PyTorch: weights are the six dense (already masked) matrices."""
+    x = x.double()
+    lin = [(w.double(), None if b is None else b.double()) for w, b in zip(weights, biases)]
+
+    def dense(t, i):
+        return torch.nn.functional.linear(t, *lin[i])
+
+    def norm(t, ln):
+        w, b, eps = ln
+        return torch.nn.functional.layer_norm(t, (t.shape[-1],), None if w is None else w.double(),
+                                              None if b is None else b.double(), eps)
+
+    bsz, s, h = x.shape
+    split = lambda t: t.view(bsz, s, heads, h // heads).transpose(1, 2)  # noqa: E731
+    q, k, v = (split(dense(x, i)) for i in range(3))
+    scores = q @ k.transpose(-1, -2) * scale
+    if mask is not None:
+        scores = scores + mask.double()
+    ctx = (scores.softmax(-1) @ v).transpose(1, 2).reshape(bsz, s, h)
+    a = norm(dense(ctx, 3) + x, ln1)
+    f = torch.nn.functional.gelu(dense(a, 4))
+    return norm(dense(f, 5) + a, ln2)
+
+
+def _layer_op_args(hidden, inter, heads, density=0.2, seed=0, bias=True, affine=True):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(hidden, hidden)] * 4 + [(inter, hidden), (hidden, inter)]
+    weights, packs = [], []
+    for n, k in shapes:
+        w = torch.randn(n, k, generator=g) / k ** 0.5
+        mask = torch.rand(n, k, generator=g) < density
+        mask[0] = False  # an empty row
+        w_nan = w.masked_fill(~mask, float("nan"))  # pruned entries are never read
+        packs.append(sparse_format.pack_csr(w_nan, mask))
+        weights.append(w * mask)
+    biases = [torch.randn(n, generator=g) if bias else None for n, _ in shapes]
+    ln = [((torch.randn(hidden, generator=g) if affine else None), (torch.randn(hidden, generator=g) if affine else None),
+           eps) for eps in (1e-12, 1e-5)]
+    return weights, packs, biases, ln
+
+
+def _call_layer_op(x, mask, heads, scale, packs, biases, ln):
+    return torch.ops.capkit.encoder_layer_forward(
+        x, mask, heads, scale, [p.ptr for p in packs], [p.col_idx for p in packs], [p.values for p in packs], biases,
+        [p.shape[0] for p in packs], [p.panel for p in packs], *ln[0], *ln[1])
+
+
+@pytest.mark.parametrize("bsz,seq,hidden,heads,inter", [(1, 1, 32, 4, 48), (2, 13, 48, 3, 100), (3, 70, 64, 4, 130)])
+@pytest.mark.parametrize("mask_kind", ["none", "keys", "full"])
+@pytest.mark.parametrize("bias_affine", [True, False])
+def test_encoder_layer_op_matches_the_reference(bsz, seq, hidden, heads, inter, mask_kind, bias_affine):
+    weights, packs, biases, ln = _layer_op_args(hidden, inter, heads, seed=seq, bias=bias_affine, affine=bias_affine)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(bsz, seq, hidden, generator=g)
+    mask = None
+    if mask_kind == "keys":  # padding: [B, 1, 1, S] broadcast over heads and queries
+        mask = torch.zeros(bsz, 1, 1, seq)
+        mask[-1, ..., seq // 2 + 1:] = float("-inf")
+    elif mask_kind == "full":
+        mask = torch.randn(bsz, heads, seq, seq, generator=g)
+    scale = (hidden // heads) ** -0.5
+    with torch.inference_mode():
+        y = _call_layer_op(x, mask, heads, scale, packs, biases, ln)
+    ref = _reference_layer(x, mask, heads, scale, weights, biases, ln[0], ln[1])
+    assert y.shape == x.shape and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), ref, atol=2e-4, rtol=1e-4)
+
+
+def test_encoder_layer_op_rejects_bad_arguments():
+    weights, packs, biases, ln = _layer_op_args(32, 48, 4)
+    x = torch.randn(1, 5, 32)
+    with pytest.raises(RuntimeError, match="takes 6 linear layers"):
+        _call_layer_op(x, None, 4, 1.0, packs[:5], biases[:5], ln)
+    with pytest.raises(RuntimeError, match="must divide the hidden size"):
+        _call_layer_op(x, None, 5, 1.0, packs, biases, ln)
+    with pytest.raises(RuntimeError, match=r"contiguous \[batch, positions, hidden\]"):
+        _call_layer_op(x[0], None, 4, 1.0, packs, biases, ln)
+    with pytest.raises(RuntimeError, match="must have 32 outputs"):
+        _call_layer_op(x, None, 4, 1.0, [packs[4]] + packs[1:], biases, ln)

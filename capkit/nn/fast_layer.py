@@ -24,10 +24,9 @@ import torch
 from torch import nn
 
 from capkit.nn import attention as attn
-from capkit.nn.attention import cpu_attention
 from capkit.nn.fuse import GeluIntermediate, ResidualOutput
 from capkit.nn.masked_linear import MaskedLinear
-from capkit.ops.sparse_format import csr_kernel_call, layer_norm_args, layer_norm_fits
+from capkit.ops.sparse_format import layer_norm_args, layer_norm_fits
 
 __all__ = ["fast_layer_applies", "use_fast_layers"]
 
@@ -195,19 +194,18 @@ def fast_layer_applies(layer: nn.Module, hidden_states, attention_mask=None, arg
 
 
 def _run(parts, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
-    sa, (q_l, k_l, v_l, o_l, i_l, f_l), ln1, ln2 = parts
-    b, s, h = hidden_states.shape
-    x = hidden_states.reshape(b * s, h).contiguous()
-    heads = (b, s, sa.num_attention_heads, sa.attention_head_size)
-
-    def call(m, inp, *steps):
-        return csr_kernel_call(inp, m._csr_plan[5], m._parameters.get("bias"), *steps)
-
-    q, k, v = (call(m, x).view(heads).transpose(1, 2) for m in (q_l, k_l, v_l))
-    ctx = cpu_attention(q, k, v, attention_mask, sa.scaling).view(b * s, h)
-    a = call(o_l, ctx, 0, x, True, *layer_norm_args(ln1))
-    y = call(f_l, call(i_l, a, 1), 0, a, True, *layer_norm_args(ln2))
-    return y.view(b, s, h)
+    """The layer in one call of ``capkit::encoder_layer_forward`` (the three projections, the
+    attention kernel, and the three CSR calls with their GELU / residual + LayerNorm steps)."""
+    sa, linears, ln1, ln2 = parts
+    packs = [m._csr_plan[5] for m in linears]
+    if attention_mask is not None and attention_mask.dtype != torch.float32:
+        attention_mask = (torch.where(attention_mask, 0.0, float("-inf")) if attention_mask.dtype == torch.bool
+                          else attention_mask.to(torch.float32))
+    return torch.ops.capkit.encoder_layer_forward(
+        hidden_states.contiguous(), attention_mask, sa.num_attention_heads, float(sa.scaling),
+        [p.ptr for p in packs], [p.col_idx for p in packs], [p.values for p in packs],
+        [m._parameters.get("bias") for m in linears], [p.shape[0] for p in packs], [p.panel for p in packs],
+        *layer_norm_args(ln1), *layer_norm_args(ln2))
 
 
 def use_fast_layers(model: nn.Module) -> int:
