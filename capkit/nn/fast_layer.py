@@ -26,7 +26,7 @@ from torch import nn
 from capkit.nn import attention as attn
 from capkit.nn.fuse import GeluIntermediate, ResidualOutput
 from capkit.nn.masked_linear import MaskedLinear
-from capkit.ops.sparse_format import layer_norm_args, layer_norm_fits
+from capkit.ops.sparse_format import layer_norm_args
 
 __all__ = ["fast_layer_applies", "use_fast_layers"]
 
@@ -78,7 +78,9 @@ class _FastLayer:
         return (y,) if self.__dict__.get("_capkit_returns") == "tuple" else y
 
     def __reduce_ex__(self, protocol):
-        return _new_fast_layer, (self._capkit_base,), self.__getstate__()
+        state = dict(self.__getstate__())
+        state.pop("_capkit_parts", None)  # looked up again after loading
+        return _new_fast_layer, (self._capkit_base,), state
 
 
 def _fast_class(base: type) -> type:
@@ -119,10 +121,9 @@ def _inert(hook, collector) -> bool:
     return key not in collector
 
 
-def _no_hooks(layer: nn.Module) -> bool:
-    """No forward hooks that would act, global or on a module under ``layer`` (the layer's own run
-    around this forward, as for any module). A walk over ``_modules``: ``nn.Module.modules()``
-    costs several times more, and this runs on every call."""
+def _hooks_inert(modules) -> bool:
+    """No forward hooks that would act, global or on ``modules`` (those under a layer; the layer's
+    own run around this forward, as for any module)."""
     from torch.nn.modules import module as module_mod
 
     if (module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks
@@ -130,11 +131,7 @@ def _no_hooks(layer: nn.Module) -> bool:
         return False
     collector = _NO_COLLECTOR
     asked = False
-    stack = list(layer._modules.values())
-    while stack:
-        m = stack.pop()
-        if m is None:
-            continue
+    for m in modules:
         if m._forward_pre_hooks:
             return False
         if m._forward_hooks:
@@ -142,18 +139,76 @@ def _no_hooks(layer: nn.Module) -> bool:
                 collector, asked = _collector(), True
             if not all(_inert(h, collector) for h in m._forward_hooks.values()):
                 return False
-        stack.extend(m._modules.values())
+    return True
+
+
+def _submodules(layer: nn.Module) -> list:
+    """Every module under ``layer`` (not the layer itself), by a walk over ``_modules``."""
+    out, stack = [], list(layer._modules.values())
+    while stack:
+        m = stack.pop()
+        if m is not None:
+            out.append(m)
+            stack.extend(m._modules.values())
+    return out
+
+
+def _find_parts(layer: nn.Module):
+    """The layer's structure as the fast path uses it, or None where it is not the fused BERT
+    layer with six MaskedLinears: ``(self-attention, the six linears, the two LayerNorms, every
+    module under the layer, the (container, name, module) links that lead to them, the modules
+    whose training mode the layer's own forward reads)``."""
+    mods = layer._modules
+    att, inter, out = mods.get("attention"), mods.get("intermediate"), mods.get("output")
+    if att is None:
+        return None
+    sa, ao = att._modules.get("self"), att._modules.get("output")
+    if not (isinstance(ao, ResidualOutput) and isinstance(inter, GeluIntermediate) and isinstance(out, ResidualOutput)
+            and sa is not None):
+        return None
+    sm = sa._modules
+    linears = (sm.get("query"), sm.get("key"), sm.get("value"), ao._modules.get("dense"), inter._modules.get("dense"),
+               out._modules.get("dense"))
+    if not all(type(m) is MaskedLinear for m in linears):
+        return None
+    ln1, ln2 = ao._modules.get("LayerNorm"), out._modules.get("LayerNorm")
+    if not (isinstance(ln1, nn.LayerNorm) and isinstance(ln2, nn.LayerNorm)):
+        return None
+    subs = _submodules(layer)
+    links = tuple((m._modules, name, child) for m in [layer] + subs for name, child in m._modules.items())
+    moded = tuple([sa] + [m for m in subs if isinstance(m, nn.Dropout)])  # what the layer's forward reads .training of
+    return sa, linears, ln1, ln2, tuple(subs), links, moded
+
+
+def _links_hold(links) -> bool:
+    for container, name, child in links:
+        if container.get(name) is not child:
+            return False
+    return True
+
+
+def _fits(ln: nn.LayerNorm, h: int) -> bool:
+    if ln.normalized_shape != (h,):
+        return False
+    for p in ln._parameters.values():
+        if p is not None and (p.dtype is not torch.float32 or not p.is_cpu):
+            return False
     return True
 
 
 def fast_layer_applies(layer: nn.Module, hidden_states, attention_mask=None, args=(), kwargs=None):
     """``(self-attention, the six linear layers, the two LayerNorms)`` (the linears: query, key,
-    value, attention output, feed-forward in, feed-forward out) when a call of ``layer`` with these arguments can take the fast path, else None. The
-    conditions are those of each step's own kernel path (see the module docstring); the first call
-    of a layer always runs its own forward, which sets up each linear layer's CSR decision."""
-    if torch.compiler.is_compiling() or torch.is_grad_enabled() or layer.training:
+    value, attention output, feed-forward in, feed-forward out) when a call of ``layer`` with these
+    arguments can take the fast path, else None. The conditions are those of each step's own
+    kernel path (see the module docstring); the first call of a layer always runs its own forward,
+    which sets up each linear layer's CSR decision. The structure (which modules the layer holds)
+    is looked up once and then confirmed on each call, link by link; everything that can change
+    between calls without changing the structure (modes, hooks, parameters and their versions,
+    the attention implementation) is checked on every call."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or layer.training:
         return None
-    if layer.__dict__.get("_capkit_returns") is None:
+    d = layer.__dict__
+    if d.get("_capkit_returns") is None:
         return None
     if any(a is not None for a in args):
         return None
@@ -167,30 +222,32 @@ def fast_layer_applies(layer: nn.Module, hidden_states, attention_mask=None, arg
     if attention_mask is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4
                                            and attention_mask.is_cpu):
         return None
-    mods = layer._modules
-    att, inter, out = mods.get("attention"), mods.get("intermediate"), mods.get("output")
-    sa, ao = att._modules.get("self"), att._modules.get("output")
-    if getattr(sa.config, "_attn_implementation", None) != attn.ATTENTION_NAME or not attn._available:
+    found = d.get("_capkit_parts")
+    if found is None or not _links_hold(found[5]):
+        found = _find_parts(layer)
+        d["_capkit_parts"] = found
+        if found is None:
+            return None
+    sa, linears, ln1, ln2, subs, _, moded = found
+    config = sa.__dict__.get("config")
+    cd = getattr(config, "__dict__", {})
+    impl = cd["_attn_implementation_internal"] if "_attn_implementation_internal" in cd else getattr(
+        config, "_attn_implementation", None)  # the config's own attribute: its property costs ~3 us
+    if impl != attn.ATTENTION_NAME or not attn._available:
         return None
-    if not (isinstance(ao, ResidualOutput) and isinstance(inter, GeluIntermediate) and isinstance(out, ResidualOutput)):
-        return None
-    sm = sa._modules
-    linears = (sm.get("query"), sm.get("key"), sm.get("value"), ao._modules.get("dense"), inter._modules.get("dense"),
-               out._modules.get("dense"))
-    if not all(type(m) is MaskedLinear for m in linears):
-        return None
-    if sa.training or ao._modules["dropout"].training or out._modules["dropout"].training or not _no_hooks(layer):
+    if any(m.training for m in moded) or not _hooks_inert(subs):
         return None
     h = hidden_states.shape[-1]
-    if sa.num_attention_heads * sa.attention_head_size != h or any(m.in_features != h for m in linears[:4]) \
-            or linears[3].out_features != h or linears[5].out_features != h \
-            or linears[4].out_features != linears[5].in_features:
+    if sa.num_attention_heads * sa.attention_head_size != h or not (_fits(ln1, h) and _fits(ln2, h)):
         return None
-    if not (layer_norm_fits(ao._modules["LayerNorm"], h) and layer_norm_fits(out._modules["LayerNorm"], h)):
+    for m in linears:
+        if not m._csr_plan_current():
+            return None
+    q, k, v, o, i, f = (m._csr_plan[5].shape for m in linears)
+    if not (q[1] == k[1] == v[1] == o[1] == i[1] == h and q[0] == k[0] == v[0] == o[0] == f[0] == h
+            and i[0] == f[1]):
         return None
-    if not all(m._csr_plan_holds(hidden_states) for m in linears):
-        return None
-    return sa, linears, ao._modules["LayerNorm"], out._modules["LayerNorm"]
+    return sa, linears, ln1, ln2
 
 
 def _run(parts, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:

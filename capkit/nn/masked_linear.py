@@ -224,6 +224,15 @@ class MaskedLinear(nn.Module):
             return False
         if x.dtype != torch.float32 or not x.is_cpu or torch.is_autocast_enabled("cpu"):
             return False
+        return self._csr_plan_current()
+
+    def _csr_plan_current(self) -> bool:
+        """The module half of :meth:`_csr_plan_holds`: a last CSR decision exists and the mask,
+        weight and bias it was made for are unchanged (the caller has checked the call: no
+        autograd, CPU fp32 input, no tracing or autocast)."""
+        plan = self.__dict__.get("_csr_plan")
+        if plan is None:
+            return False
         source, state, bias = plan[0], plan[1], plan[2]
         params = self._parameters
         return (self._fixed_mask_source() is source and _mask_state(source) == state
