@@ -80,35 +80,41 @@ __attribute__((target("avx2,fma"))) inline void transpose8x8(const float* src, i
 }
 #endif
 
-// dst[c * ld + r] = src[r * ls + c] for r < rows, c < cols. Blocks of 16 columns outer and 8
-// rows inner: each pass writes 16 rows of dst one after the other and reads whole 64-byte lines
-// of src, so neither side keeps more than 16 lines open at a stride. With the rows outer, a
-// 1536-float ld kept 64 dst lines open at a 6 KiB stride, which fall into two L1 sets: on the
-// 2-core Xeon, one core, 64 tokens, 10% density, a 384 -> 1536 call took 145-149 us that way and
-// 114-117 us this way (the row loops alone, without any transpose: 96 us).
+// dst[c * ld + r] = src[r * ls + c] for r < rows, c < cols, in 8 x 8 blocks. The loop order keeps
+// the side with the wide stride sequential. Rows outer (8 rows of src read along, every dst row
+// open) where src has the wider stride: x into xT, whose 1536-float rows read 64 at a time one line
+// each defeated the prefetchers (4,096 tokens, 1536 -> 384, 32 x 32 blocks at 10%: 4.6 ms this way,
+// 5.4 ms the other). Blocks of 16 columns outer (16 dst rows written along, each src line read
+// once) where dst has it: the output tile into y, where the rows-outer order kept 64 dst lines open
+// at a 6 KiB stride, which fall into two L1 sets (one core, 64 tokens, 10% density, 384 -> 1536:
+// 145-149 us that way, 114-117 us this way; the row loops alone, without any transpose: 96 us).
 void transpose_block(const float* src, int64_t ls, int64_t rows, int64_t cols, float* dst, int64_t ld) {
-  int64_t c0 = 0;
+  int64_t r0 = 0, c0 = 0;
 #ifdef CAPKIT_X86
-  if (kAvx2) {
-    const int64_t r8 = rows - rows % 8;
-    for (; c0 + 16 <= cols; c0 += 16) {
-      for (int64_t r0 = 0; r0 < r8; r0 += 8) {
-        transpose8x8(src + r0 * ls + c0, ls, dst + c0 * ld + r0, ld);
-        transpose8x8(src + r0 * ls + c0 + 8, ls, dst + (c0 + 8) * ld + r0, ld);
-      }
-      for (int64_t c = c0; c < c0 + 16; ++c)
-        for (int64_t r = r8; r < rows; ++r) dst[c * ld + r] = src[r * ls + c];
+  if (kAvx2 && ld <= ls) {
+    for (; r0 + 8 <= rows; r0 += 8) {
+      int64_t c = 0;
+      for (; c + 8 <= cols; c += 8) transpose8x8(src + r0 * ls + c, ls, dst + c * ld + r0, ld);
+      for (; c < cols; ++c)
+        for (int64_t r = r0; r < r0 + 8; ++r) dst[c * ld + r] = src[r * ls + c];
     }
-    if (c0 + 8 <= cols) {
-      for (int64_t r0 = 0; r0 < r8; r0 += 8) transpose8x8(src + r0 * ls + c0, ls, dst + c0 * ld + r0, ld);
-      for (int64_t c = c0; c < c0 + 8; ++c)
+  } else if (kAvx2) {
+    const int64_t r8 = rows - rows % 8;
+    for (; c0 + 8 <= cols;) {
+      const int64_t w = c0 + 16 <= cols ? 16 : 8;
+      for (int64_t r = 0; r < r8; r += 8) {
+        transpose8x8(src + r * ls + c0, ls, dst + c0 * ld + r, ld);
+        if (w == 16) transpose8x8(src + r * ls + c0 + 8, ls, dst + (c0 + 8) * ld + r, ld);
+      }
+      for (int64_t c = c0; c < c0 + w; ++c)
         for (int64_t r = r8; r < rows; ++r) dst[c * ld + r] = src[r * ls + c];
-      c0 += 8;
+      c0 += w;
     }
   }
 #endif
+  // what the vector loops left: rows [r0, rows) after the first, columns [c0, cols) after the second
   for (int64_t c = c0; c < cols; ++c)
-    for (int64_t r = 0; r < rows; ++r) dst[c * ld + r] = src[r * ls + c];
+    for (int64_t r = r0; r < rows; ++r) dst[c * ld + r] = src[r * ls + c];
 }
 
 // acc[0 : 8V] = bias + sum_e values[e] * xt[col_idx[e] * kTok + 0 : 8V] for one output row.
@@ -198,24 +204,11 @@ __attribute__((target("avx512f"))) void row_avx512(const float* xt, int64_t ld, 
     a0 = _mm512_add_ps(_mm512_add_ps(a0, c0), _mm512_add_ps(c1, c2));
     if constexpr (V > 1) a1 = _mm512_add_ps(_mm512_add_ps(a1, d0), _mm512_add_ps(d1, d2));
   }
-  if constexpr (V > 2) {
-    // Sixteen weights in one load, each broadcast from the register (a shuffle, off the load
-    // ports, which the 3-4 loads of xT per weight keep busy). Measured on the 2-core Xeon with a
-    // standalone copy of this loop, one core, 64 tokens, 10% density, the two loops interleaved:
-    // 100 against 109 us at K = 384, N = 1536; 104 against 113 us at K = 1536, N = 384 (panels
-    // of 256); 42 against 45 us at K = 384, N = 1152, 5% density.
-    for (; e + 16 <= e1; e += 16) {
-      const __m512 vals = _mm512_loadu_ps(val + e);
-      for (int j = 0; j < 16; ++j) {
-        const __m512 w = _mm512_permutexvar_ps(_mm512_set1_epi32(j), vals);
-        const float* p = xt + static_cast<int64_t>(idx[e + j]) * ld;
-        a0 = _mm512_fmadd_ps(w, _mm512_load_ps(p), a0);
-        a1 = _mm512_fmadd_ps(w, _mm512_load_ps(p + 16), a1);
-        a2 = _mm512_fmadd_ps(w, _mm512_load_ps(p + 32), a2);
-        if constexpr (V > 3) a3 = _mm512_fmadd_ps(w, _mm512_load_ps(p + 48), a3);
-      }
-    }
-  }
+  // One broadcast from memory per weight. Sixteen weights loaded at once and broadcast from the
+  // register (a shuffle) measured faster in a copy of this loop alone, but not in the whole kernel:
+  // 2 threads on the 2-core Xeon, 1536 -> 384 at 4,096 tokens, 32 x 32 blocks at 10%: 4.40-4.67
+  // ms this way, 4.51-4.98 ms with the shuffles; 384 -> 1536 at 128 tokens, 10%: 114-118 against
+  // 116-122 us.
   for (; e < e1; ++e) {
     const __m512 w = _mm512_set1_ps(val[e]);
     const float* p = xt + static_cast<int64_t>(idx[e]) * ld;
