@@ -156,22 +156,17 @@ std::tuple<Tensor, Tensor> grad_weight_cpu(const Tensor& grad_out, const Tensor&
 }
 
 
-// Unstructured-sparse weight in panelled CSR by output row (capkit/ops/sparse_format.py builds it).
-Tensor csr_linear_forward_cpu(const Tensor& x, const Tensor& ptr, const Tensor& col_idx, const Tensor& values,
-                              const OptTensor& bias, int64_t out_features, int64_t panel, int64_t activation,
-                              const OptTensor& residual, bool layer_norm, const OptTensor& ln_weight,
-                              const OptTensor& ln_bias, double ln_eps) {
-  check_matrix(x, "x");
-  TORCH_CHECK(activation == cpu::kActivationNone || activation == cpu::kActivationGelu,
-              "capkit: activation must be 0 (none) or 1 (gelu), got ", activation);
-  check_f32_cpu(x, "x");
+// A panelled CSR weight by output row (capkit/ops/sparse_format.py builds it) for inputs of K
+// features, checked, with its bias (nullable, a vector of out_features).
+cpu::CsrMatrix checked_csr(const Tensor& ptr, const Tensor& col_idx, const Tensor& values, const OptTensor& bias,
+                           int64_t out_features, int64_t panel, int64_t K) {
   check_f32_cpu(values, "values");
   for (const auto* t : {&ptr, &col_idx}) {
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kInt && t->dim() == 1 && t->is_contiguous(),
                 "capkit: ", t == &ptr ? "ptr" : "col_idx", " must be a contiguous 1-D int32 CPU tensor");
   }
   TORCH_CHECK(values.dim() == 1 && values.is_contiguous(), "capkit: values must be a contiguous vector");
-  const int64_t M = x.size(0), N = out_features, K = x.size(1), nnz = col_idx.numel();
+  const int64_t N = out_features, nnz = col_idx.numel();
   TORCH_CHECK(N >= 0, "capkit: out_features must be >= 0");
   const int64_t n_panels = panel > 0 && K > 0 ? cdiv(K, panel) : 1;
   TORCH_CHECK(ptr.numel() == n_panels * N + 1, "capkit: ptr must have ", n_panels * N + 1, " entries (",
@@ -185,6 +180,16 @@ Tensor csr_linear_forward_cpu(const Tensor& x, const Tensor& ptr, const Tensor& 
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous(),
                 "capkit: bias must be a contiguous vector of length ", N);
   }
+  cpu::CsrMatrix w;
+  w.ptr = rp, w.col_idx = col_idx.data_ptr<int32_t>(), w.values = values.data_ptr<float>(), w.rows = N, w.panel = panel;
+  return w;
+}
+
+// The steps after a CSR layer of M x N outputs, checked: activation, residual, LayerNorm.
+cpu::Epilogue checked_epilogue(int64_t M, int64_t N, int64_t activation, const OptTensor& residual, bool layer_norm,
+                               const OptTensor& ln_weight, const OptTensor& ln_bias, double ln_eps) {
+  TORCH_CHECK(activation == cpu::kActivationNone || activation == cpu::kActivationGelu,
+              "capkit: activation must be 0 (none) or 1 (gelu), got ", activation);
   if (residual.has_value()) {
     check_f32_cpu(*residual, "residual");
     TORCH_CHECK(residual->dim() == 2 && residual->size(0) == M && residual->size(1) == N && residual->is_contiguous(),
@@ -208,10 +213,25 @@ Tensor csr_linear_forward_cpu(const Tensor& x, const Tensor& ptr, const Tensor& 
   ep.ln_weight = ln_weight.has_value() ? ln_weight->data_ptr<float>() : nullptr;
   ep.ln_bias = ln_bias.has_value() ? ln_bias->data_ptr<float>() : nullptr;
   ep.ln_eps = static_cast<float>(ln_eps);
-  Tensor y = new_output({M, N}, x.options());
-  cpu::csr_linear_forward_f32(x.data_ptr<float>(), rp, col_idx.data_ptr<int32_t>(), values.data_ptr<float>(),
-                              bias.has_value() ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K,
-                              panel, ep);
+  return ep;
+}
+
+const float* ptr_or_null_f32(const OptTensor& t) { return t.has_value() ? t->data_ptr<float>() : nullptr; }
+
+// Unstructured-sparse weight in panelled CSR by output row (capkit/ops/sparse_format.py builds it).
+Tensor csr_linear_forward_cpu(const Tensor& x, const Tensor& ptr, const Tensor& col_idx, const Tensor& values,
+                              const OptTensor& bias, int64_t out_features, int64_t panel, int64_t activation,
+                              const OptTensor& residual, bool layer_norm, const OptTensor& ln_weight,
+                              const OptTensor& ln_bias, double ln_eps) {
+  check_matrix(x, "x");
+  check_f32_cpu(x, "x");
+  const int64_t M = x.size(0), K = x.size(1);
+  const cpu::CsrMatrix w = checked_csr(ptr, col_idx, values, bias, out_features, panel, K);
+  const cpu::Epilogue ep = checked_epilogue(M, out_features, activation, residual, layer_norm, ln_weight, ln_bias,
+                                            ln_eps);
+  Tensor y = new_output({M, out_features}, x.options());
+  cpu::csr_linear_forward_f32(x.data_ptr<float>(), w.ptr, w.col_idx, w.values, ptr_or_null_f32(bias),
+                              y.data_ptr<float>(), M, out_features, K, panel, ep);
   return y;
 }
 
@@ -266,8 +286,9 @@ Tensor attention_forward_cpu(const Tensor& q, const Tensor& k, const Tensor& v, 
 //   q, k, v = x W_q^T + b_q, ...      split into `heads` heads of hidden / heads features
 //   a = LayerNorm1(attention(q, k, v, mask, scale) W_o^T + b_o + x)
 //   y = LayerNorm2(gelu(a W_i^T + b_i) W_f^T + b_f + a)
-// The same calls the layer's Python fast path made one by one (csr_linear_forward and
-// attention_forward, with their checks), in one dispatch instead of seven.
+// The projections and the attention are the csr_linear_forward and attention_forward calls (with
+// their checks); the feed-forward block is cpu::csr_ffn_forward_f32, the same floats as its two
+// csr_linear_forward calls. One dispatch instead of seven.
 Tensor encoder_layer_forward_cpu(const Tensor& x, const OptTensor& mask, int64_t heads, double scale,
                                  at::TensorList ptrs, at::TensorList col_idx, at::TensorList values,
                                  const c10::List<std::optional<Tensor>>& biases, at::IntArrayRef out_features,
@@ -287,9 +308,9 @@ Tensor encoder_layer_forward_cpu(const Tensor& x, const OptTensor& mask, int64_t
   for (int i : {0, 1, 2, 3, 5})
     TORCH_CHECK(out_features[i] == Hd, "capkit: linear ", i, " must have ", Hd, " outputs, got ", out_features[i]);
   const int64_t d = Hd / heads;
+  auto contiguous = [](const OptTensor& t) { return t.has_value() ? OptTensor(t->contiguous()) : t; };
   auto linear = [&](const Tensor& in, int i, int64_t activation, const OptTensor& residual, bool ln,
                     const OptTensor& w, const OptTensor& b, double eps) {
-    auto contiguous = [](const OptTensor& t) { return t.has_value() ? OptTensor(t->contiguous()) : t; };
     return csr_linear_forward_cpu(in, ptrs[i], col_idx[i], values[i], contiguous(biases.get(i)), out_features[i],
                                   panels[i], activation, residual, ln, contiguous(w), contiguous(b), eps);
   };
@@ -300,8 +321,17 @@ Tensor encoder_layer_forward_cpu(const Tensor& x, const OptTensor& mask, int64_t
   const Tensor v = linear(x2, 2, cpu::kActivationNone, std::nullopt, false, std::nullopt, std::nullopt, 1e-5);
   const Tensor ctx = attention_forward_cpu(heads_view(q), heads_view(k), heads_view(v), mask, scale).view({B * S, Hd});
   const Tensor a = linear(ctx, 3, cpu::kActivationNone, x2, true, ln1_weight, ln1_bias, ln1_eps);
-  const Tensor h = linear(a, 4, cpu::kActivationGelu, std::nullopt, false, std::nullopt, std::nullopt, 1e-5);
-  return linear(h, 5, cpu::kActivationNone, a, true, ln2_weight, ln2_bias, ln2_eps).view({B, S, Hd});
+  // the feed-forward block in one pass (its hidden activations stay in the threads' caches)
+  const int64_t inter = out_features[4];
+  const OptTensor b_in = contiguous(biases.get(4)), b_out = contiguous(biases.get(5));
+  const cpu::CsrMatrix w_in = checked_csr(ptrs[4], col_idx[4], values[4], b_in, inter, panels[4], Hd);
+  const cpu::CsrMatrix w_out = checked_csr(ptrs[5], col_idx[5], values[5], b_out, Hd, panels[5], inter);
+  const OptTensor ln2_w = contiguous(ln2_weight), ln2_b = contiguous(ln2_bias);
+  const cpu::Epilogue ep = checked_epilogue(B * S, Hd, cpu::kActivationNone, a, true, ln2_w, ln2_b, ln2_eps);
+  Tensor y = new_output({B, S, Hd}, x.options());
+  cpu::csr_ffn_forward_f32(a.data_ptr<float>(), B * S, Hd, w_in, ptr_or_null_f32(b_in), cpu::kActivationGelu, w_out,
+                           ptr_or_null_f32(b_out), y.data_ptr<float>(), ep);
+  return y;
 }
 
 // ---------------------------------------------------------------------------------------------

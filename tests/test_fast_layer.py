@@ -321,3 +321,33 @@ def test_encoder_layer_op_rejects_bad_arguments():
         _call_layer_op(x[0], None, 4, 1.0, packs, biases, ln)
     with pytest.raises(RuntimeError, match="must have 32 outputs"):
         _call_layer_op(x, None, 4, 1.0, [packs[4]] + packs[1:], biases, ln)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("panel", [None, 40])
+def test_encoder_layer_op_equals_its_kernel_calls_one_by_one(threads, panel):
+    """The op's fused feed-forward pass (the hidden activations kept in the tile buffers) gives the
+    same floats as the separate CSR calls, on both schedules (a tile per thread, and row chunks for
+    fewer tiles than threads) and with panels."""
+    from capkit.nn.attention import cpu_attention
+
+    hidden, inter, heads = 32, 100, 4
+    weights, packs, biases, ln = _layer_op_args(hidden, inter, heads, seed=3)
+    if panel is not None:  # panelled CSR for every linear (the feed-forward output reads 3 panels)
+        packs = [sparse_format.pack_csr(w, w != 0, panel=panel) for w in weights]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for tokens in (1, 3, 16, 40, 64, 129):
+            x = torch.randn(1, tokens, hidden)
+            call = lambda inp, i, *steps: sparse_format.csr_kernel_call(inp, packs[i], biases[i], *steps)  # noqa: E731
+            with torch.inference_mode():
+                got = _call_layer_op(x, None, heads, 0.3, packs, biases, ln)
+                x2 = x.view(tokens, hidden)
+                q, k, v = (call(x2, i).view(1, tokens, heads, -1).transpose(1, 2) for i in range(3))
+                ctx = cpu_attention(q, k, v, None, 0.3).view(tokens, hidden)
+                a = call(ctx, 3, 0, x2, True, *ln[0])
+                want = call(call(a, 4, 1), 5, 0, a, True, *ln[1])
+            torch.testing.assert_close(got.view(tokens, hidden), want, atol=0, rtol=0)
+    finally:
+        torch.set_num_threads(before)

@@ -421,15 +421,24 @@ void transpose_tile(const float* x, int64_t M, int64_t K, int64_t tile, int64_t 
   }
 }
 
-// Output rows [n0, n0 + nrows) for the tokens of one tile (xtile [K][tok]), panel by panel (so
-// that the panel's rows of xT stay cached while every output row reads them); out is an
-// [nrows][tok] buffer holding the partial sums between panels, then transposed into y.
-void rows_of_tile(const float* xtile, int64_t tok, int64_t m0, int64_t ntok, int64_t n0, int64_t nrows,
-                  const int32_t* ptr, const int32_t* col_idx, const float* values, const float* bias, float* out,
-                  float* y, int64_t N, int64_t n_panels, const Epilogue& ep, bool norm_here) {
+// A panelled CSR weight as the row loops read it: rows() output rows, ptr [n_panels * rows + 1].
+struct Csr {
+  const int32_t* ptr;
+  const int32_t* col_idx;
+  const float* values;
+  int64_t rows;
+  int64_t n_panels;
+};
+
+// Output rows [n0, n0 + nrows) for the tokens of one tile (xtile [K][tok]) into out [nrows][tok],
+// panel by panel (so that the panel's rows of xT stay cached while every output row reads them;
+// out holds the partial sums between panels). out keeps the layout of xT: it is the next layer's
+// xT as it stands.
+void tile_rows(const float* xtile, int64_t tok, int64_t ntok, int64_t n0, int64_t nrows, const Csr& w,
+               const float* bias, float* out) {
   const int nvec = static_cast<int>(cdiv(ntok, 8));
-  for (int64_t p = 0; p < n_panels; ++p) {
-    const int32_t* pp = ptr + p * N;
+  for (int64_t p = 0; p < w.n_panels; ++p) {
+    const int32_t* pp = w.ptr + p * w.rows;
     const bool acc_out = p > 0;
     for (int64_t r = 0; r < nrows; ++r) {
       const int64_t n = n0 + r;
@@ -439,28 +448,45 @@ void rows_of_tile(const float* xtile, int64_t tok, int64_t m0, int64_t ntok, int
       float* o = out + r * tok;
 #ifdef CAPKIT_X86
       if (kAvx512) {
-        kRowFns512[(nvec + 1) / 2](xtile, tok, col_idx, values, e0, e1, b0, acc_out, o);
+        kRowFns512[(nvec + 1) / 2](xtile, tok, w.col_idx, w.values, e0, e1, b0, acc_out, o);
         continue;
       }
       if (kAvx2) {
-        kRowFns[nvec](xtile, tok, col_idx, values, e0, e1, b0, acc_out, o);
+        kRowFns[nvec](xtile, tok, w.col_idx, w.values, e0, e1, b0, acc_out, o);
         continue;
       }
 #endif
-      row_scalar(xtile, tok, col_idx, values, e0, e1, b0, acc_out, nvec, o);
+      row_scalar(xtile, tok, w.col_idx, w.values, e0, e1, b0, acc_out, nvec, o);
     }
-  }
-  apply_activation(ep.activation, out, nrows * tok);
-  // out [rows][tokens] -> y [tokens][rows]
-  transpose_block(out, tok, nrows, ntok, y + m0 * N + n0, N);
-  for (int64_t t = 0; t < ntok; ++t) {  // on the block just written (still in cache)
-    float* yr = y + (m0 + t) * N + n0;
-    if (ep.residual) add_into(yr, ep.residual + (m0 + t) * N + n0, nrows);
-    if (norm_here) layer_norm_row(yr, nrows, ep);  // whole rows: nrows == N
   }
 }
 
-// Grow-only scratch of the calling thread (two of them): fresh pages for every call cost a fault each.
+// The steps after the rows of one tile: the activation on out, out [rows][tokens] transposed into
+// y [tokens][rows] (columns n0.. of y, N wide), then the residual and the LayerNorm (whole rows
+// only: nrows == N) on the block just written, still in cache.
+void finish_tile(float* out, int64_t tok, int64_t m0, int64_t ntok, int64_t n0, int64_t nrows, float* y, int64_t N,
+                 const Epilogue& ep, bool norm_here) {
+  apply_activation(ep.activation, out, nrows * tok);
+  transpose_block(out, tok, nrows, ntok, y + m0 * N + n0, N);
+  for (int64_t t = 0; t < ntok; ++t) {
+    float* yr = y + (m0 + t) * N + n0;
+    if (ep.residual) add_into(yr, ep.residual + (m0 + t) * N + n0, nrows);
+    if (norm_here) layer_norm_row(yr, nrows, ep);
+  }
+}
+
+// Token-tile width: the one of 64, 32, 16 that gives the least padded tokens per thread (ties to
+// the wider tile, which reads the weights fewer times).
+int64_t tile_width(int64_t M, int threads) {
+  int64_t tok = kTok, best = -1;
+  for (int64_t t = kTok; t >= 16; t /= 2) {
+    const int64_t cost = cdiv(cdiv(M, t), threads) * t;
+    if (best < 0 || cost < best) best = cost, tok = t;
+  }
+  return tok;
+}
+
+// Grow-only scratch of the calling thread (one per slot): fresh pages for every call cost a fault each.
 template <int Slot>
 float* scratch(size_t n) {
   thread_local Buffer buf;
@@ -484,15 +510,9 @@ void csr_linear_forward_f32(const float* x, const int32_t* ptr, const int32_t* c
                             const float* bias, float* y, int64_t M, int64_t N, int64_t K, int64_t panel,
                             const Epilogue& ep) {
   if (M == 0 || N == 0) return;
-  const int64_t n_panels = panel > 0 && K > 0 ? cdiv(K, panel) : 1;
+  const Csr w{ptr, col_idx, values, N, panel > 0 && K > 0 ? cdiv(K, panel) : 1};
   const int threads = cpu_max_threads();
-  // Token-tile width: the one of 64, 32, 16 that gives the least padded tokens per thread
-  // (ties to the wider tile, which reads the weights fewer times).
-  int64_t tok = kTok, best = -1;
-  for (int64_t t = kTok; t >= 16; t /= 2) {
-    const int64_t cost = cdiv(cdiv(M, t), threads) * t;
-    if (best < 0 || cost < best) best = cost, tok = t;
-  }
+  const int64_t tok = tile_width(M, threads);
   const int64_t n_tiles = cdiv(M, tok);
   const int64_t tile_floats = std::max<int64_t>(K, 1) * tok;
   if (n_tiles >= threads) {
@@ -509,8 +529,8 @@ void csr_linear_forward_f32(const float* x, const int32_t* ptr, const int32_t* c
       for (int64_t tile = 0; tile < n_tiles; ++tile) {
         const int64_t m0 = tile * tok, ntok = std::min<int64_t>(tok, M - m0);
         transpose_tile(x, M, K, tile, tok, xtile);
-        rows_of_tile(xtile, tok, m0, ntok, 0, N, ptr, col_idx, values, bias, out, y, N, n_panels, ep,
-                     ep.layer_norm);
+        tile_rows(xtile, tok, ntok, 0, N, w, bias, out);
+        finish_tile(out, tok, m0, ntok, 0, N, y, N, ep, ep.layer_norm);
       }
     }
     return;
@@ -528,13 +548,75 @@ void csr_linear_forward_f32(const float* x, const int32_t* ptr, const int32_t* c
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < n_tiles * n_chunks; ++task) {
       const int64_t tile = task / n_chunks, n0 = (task % n_chunks) * kRowChunk;
-      const int64_t m0 = tile * tok, ntok = std::min<int64_t>(tok, M - m0);
-      rows_of_tile(xtb + tile * tile_floats, tok, m0, ntok, n0, std::min<int64_t>(kRowChunk, N - n0), ptr, col_idx,
-                   values, bias, out, y, N, n_panels, ep, false);
+      const int64_t m0 = tile * tok, ntok = std::min<int64_t>(tok, M - m0), rows = std::min<int64_t>(kRowChunk, N - n0);
+      tile_rows(xtb + tile * tile_floats, tok, ntok, n0, rows, w, bias, out);
+      finish_tile(out, tok, m0, ntok, n0, rows, y, N, ep, false);
     }
     if (ep.layer_norm) {  // the rows of a token were split over tasks: normalise once all are done
 #pragma omp for schedule(static)
       for (int64_t m = 0; m < M; ++m) layer_norm_row(y + m * N, N, ep);
+    }
+  }
+}
+
+void csr_ffn_forward_f32(const float* x, int64_t M, int64_t K, const CsrMatrix& w1, const float* b1,
+                         int hidden_activation, const CsrMatrix& w2, const float* b2, float* y, const Epilogue& ep) {
+  const int64_t N1 = w1.rows, N2 = w2.rows;
+  if (M == 0 || N2 == 0) return;
+  const Csr c1{w1.ptr, w1.col_idx, w1.values, N1, w1.panel > 0 && K > 0 ? cdiv(K, w1.panel) : 1};
+  const Csr c2{w2.ptr, w2.col_idx, w2.values, N2, w2.panel > 0 && N1 > 0 ? cdiv(N1, w2.panel) : 1};
+  const int threads = cpu_max_threads();
+  const int64_t tok = tile_width(M, threads);
+  const int64_t n_tiles = cdiv(M, tok);
+  const int64_t x_floats = std::max<int64_t>(K, 1) * tok, h_floats = std::max<int64_t>(N1, 1) * tok;
+  if (n_tiles >= threads) {
+    // Per tile: x into xT, the first layer's rows into h [N1][tok] (already the second layer's xT,
+    // in the thread's L2), its activation, the second layer's rows, then y.
+#pragma omp parallel
+    {
+      float* xtile = scratch<0>(static_cast<size_t>(x_floats));
+      float* h = scratch<1>(static_cast<size_t>(h_floats));
+      float* out = scratch<2>(static_cast<size_t>(N2) * tok);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t tile = 0; tile < n_tiles; ++tile) {
+        const int64_t m0 = tile * tok, ntok = std::min<int64_t>(tok, M - m0);
+        transpose_tile(x, M, K, tile, tok, xtile);
+        tile_rows(xtile, tok, ntok, 0, N1, c1, b1, h);
+        apply_activation(hidden_activation, h, N1 * tok);
+        tile_rows(h, tok, ntok, 0, N2, c2, b2, out);
+        finish_tile(out, tok, m0, ntok, 0, N2, y, N2, ep, ep.layer_norm);
+      }
+    }
+    return;
+  }
+  // A handful of tokens: as in csr_linear_forward_f32, tasks of (tile, chunk of rows), first of
+  // the first layer into one shared h, then (after the loop's barrier) of the second.
+  const int64_t n_chunks1 = cdiv(N1, kRowChunk), n_chunks2 = cdiv(N2, kRowChunk);
+  float* const xtb = scratch<0>(static_cast<size_t>(n_tiles) * x_floats);  // the calling thread's
+  float* const hb = scratch<1>(static_cast<size_t>(n_tiles) * h_floats);
+#pragma omp parallel
+  {
+#pragma omp for schedule(static)
+    for (int64_t tile = 0; tile < n_tiles; ++tile) transpose_tile(x, M, K, tile, tok, xtb + tile * x_floats);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < n_tiles * n_chunks1; ++task) {
+      const int64_t tile = task / n_chunks1, n0 = (task % n_chunks1) * kRowChunk;
+      const int64_t ntok = std::min<int64_t>(tok, M - tile * tok), rows = std::min<int64_t>(kRowChunk, N1 - n0);
+      float* h = hb + tile * h_floats + n0 * tok;
+      tile_rows(xtb + tile * x_floats, tok, ntok, n0, rows, c1, b1, h);
+      apply_activation(hidden_activation, h, rows * tok);
+    }
+    alignas(64) float out[kRowChunk * kTok];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < n_tiles * n_chunks2; ++task) {
+      const int64_t tile = task / n_chunks2, n0 = (task % n_chunks2) * kRowChunk;
+      const int64_t m0 = tile * tok, ntok = std::min<int64_t>(tok, M - m0), rows = std::min<int64_t>(kRowChunk, N2 - n0);
+      tile_rows(hb + tile * h_floats, tok, ntok, n0, rows, c2, b2, out);
+      finish_tile(out, tok, m0, ntok, n0, rows, y, N2, ep, false);
+    }
+    if (ep.layer_norm) {
+#pragma omp for schedule(static)
+      for (int64_t m = 0; m < M; ++m) layer_norm_row(y + m * N2, N2, ep);
     }
   }
 }

@@ -45,5 +45,24 @@ void csr_linear_forward_f32(const float* x, const int32_t* ptr, const int32_t* c
                             const float* bias, float* y, int64_t M, int64_t N, int64_t K, int64_t panel,
                             const Epilogue& epilogue = Epilogue());
 
+// A panelled CSR weight of `rows` output rows (layout as above; panel <= 0: plain CSR).
+struct CsrMatrix {
+  const int32_t* ptr = nullptr;
+  const int32_t* col_idx = nullptr;
+  const float* values = nullptr;
+  int64_t rows = 0;
+  int64_t panel = 0;
+};
+
+// Two CSR layers in one pass over token tiles (a BERT feed-forward block):
+//   h [M, w1.rows] = act(x [M, K] @ W1^T + b1)      act: hidden_activation (kActivation*)
+//   y [M, w2.rows] = h @ W2^T + b2, then `epilogue` (its residual and LayerNorm as above)
+// h never goes to memory: each tile's h stays in the thread's scratch in the layout the second
+// layer reads (one transpose fewer each way). Equal, up to the order of float sums, to two calls
+// of csr_linear_forward_f32.
+void csr_ffn_forward_f32(const float* x, int64_t M, int64_t K, const CsrMatrix& w1, const float* b1,
+                         int hidden_activation, const CsrMatrix& w2, const float* b2, float* y,
+                         const Epilogue& epilogue = Epilogue());
+
 }  // namespace cpu
 }  // namespace capkit
