@@ -286,9 +286,9 @@ Tensor attention_forward_cpu(const Tensor& q, const Tensor& k, const Tensor& v, 
 //   q, k, v = x W_q^T + b_q, ...      split into `heads` heads of hidden / heads features
 //   a = LayerNorm1(attention(q, k, v, mask, scale) W_o^T + b_o + x)
 //   y = LayerNorm2(gelu(a W_i^T + b_i) W_f^T + b_f + a)
-// The projections and the attention are the csr_linear_forward and attention_forward calls (with
-// their checks); the feed-forward block is cpu::csr_ffn_forward_f32, the same floats as its two
-// csr_linear_forward calls. One dispatch instead of seven.
+// The same floats as the csr_linear_forward and attention_forward calls one by one, with their
+// checks, in one dispatch instead of seven: the three projections in one pass over x
+// (cpu::csr_multi_forward_f32), the feed-forward block in one pass (cpu::csr_ffn_forward_f32).
 Tensor encoder_layer_forward_cpu(const Tensor& x, const OptTensor& mask, int64_t heads, double scale,
                                  at::TensorList ptrs, at::TensorList col_idx, at::TensorList values,
                                  const c10::List<std::optional<Tensor>>& biases, at::IntArrayRef out_features,
@@ -316,9 +316,21 @@ Tensor encoder_layer_forward_cpu(const Tensor& x, const OptTensor& mask, int64_t
   };
   const Tensor x2 = x.view({B * S, Hd});
   auto heads_view = [&](const Tensor& t) { return t.view({B, S, heads, d}).transpose(1, 2); };
-  const Tensor q = linear(x2, 0, cpu::kActivationNone, std::nullopt, false, std::nullopt, std::nullopt, 1e-5);
-  const Tensor k = linear(x2, 1, cpu::kActivationNone, std::nullopt, false, std::nullopt, std::nullopt, 1e-5);
-  const Tensor v = linear(x2, 2, cpu::kActivationNone, std::nullopt, false, std::nullopt, std::nullopt, 1e-5);
+  // the three projections in one pass over x (each tile of x transposed once)
+  cpu::CsrMatrix w_qkv[3];
+  OptTensor b_qkv[3];
+  Tensor qkv[3];
+  const float* bp[3];
+  float* yp[3];
+  for (int i = 0; i < 3; ++i) {
+    b_qkv[i] = contiguous(biases.get(i));
+    w_qkv[i] = checked_csr(ptrs[i], col_idx[i], values[i], b_qkv[i], Hd, panels[i], Hd);
+    qkv[i] = new_output({B * S, Hd}, x.options());
+    bp[i] = ptr_or_null_f32(b_qkv[i]);
+    yp[i] = qkv[i].data_ptr<float>();
+  }
+  cpu::csr_multi_forward_f32(x.data_ptr<float>(), B * S, Hd, 3, w_qkv, bp, yp);
+  const Tensor &q = qkv[0], &k = qkv[1], &v = qkv[2];
   const Tensor ctx = attention_forward_cpu(heads_view(q), heads_view(k), heads_view(v), mask, scale).view({B * S, Hd});
   const Tensor a = linear(ctx, 3, cpu::kActivationNone, x2, true, ln1_weight, ln1_bias, ln1_eps);
   // the feed-forward block in one pass (its hidden activations stay in the threads' caches)

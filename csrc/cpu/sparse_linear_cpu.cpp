@@ -16,6 +16,8 @@
 #include <cstring>
 #include <memory>
 #include <new>
+#include <utility>
+#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -617,6 +619,61 @@ void csr_ffn_forward_f32(const float* x, int64_t M, int64_t K, const CsrMatrix& 
     if (ep.layer_norm) {
 #pragma omp for schedule(static)
       for (int64_t m = 0; m < M; ++m) layer_norm_row(y + m * N2, N2, ep);
+    }
+  }
+}
+
+void csr_multi_forward_f32(const float* x, int64_t M, int64_t K, int count, const CsrMatrix* ws,
+                           const float* const* biases, float* const* ys) {
+  if (M == 0 || count <= 0) return;
+  std::vector<Csr> c(count);
+  int64_t widest = 0, n_chunks = 0;
+  for (int j = 0; j < count; ++j) {
+    c[j] = Csr{ws[j].ptr, ws[j].col_idx, ws[j].values, ws[j].rows, ws[j].panel > 0 && K > 0 ? cdiv(K, ws[j].panel) : 1};
+    widest = std::max(widest, ws[j].rows);
+    n_chunks += cdiv(ws[j].rows, kRowChunk);
+  }
+  const Epilogue none;
+  const int threads = cpu_max_threads();
+  const int64_t tok = tile_width(M, threads);
+  const int64_t n_tiles = cdiv(M, tok);
+  const int64_t tile_floats = std::max<int64_t>(K, 1) * tok;
+  if (n_tiles >= threads) {  // per tile: x into xT once, then every weight's rows
+#pragma omp parallel
+    {
+      float* xtile = scratch<0>(static_cast<size_t>(tile_floats));
+      float* out = scratch<1>(static_cast<size_t>(std::max<int64_t>(widest, 1)) * tok);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t tile = 0; tile < n_tiles; ++tile) {
+        const int64_t m0 = tile * tok, ntok = std::min<int64_t>(tok, M - m0);
+        transpose_tile(x, M, K, tile, tok, xtile);
+        for (int j = 0; j < count; ++j) {
+          tile_rows(xtile, tok, ntok, 0, c[j].rows, c[j], biases[j], out);
+          finish_tile(out, tok, m0, ntok, 0, c[j].rows, ys[j], c[j].rows, none, false);
+        }
+      }
+    }
+    return;
+  }
+  // A handful of tokens: tasks of (tile, weight, chunk of its rows) on the shared xT.
+  std::vector<std::pair<int, int64_t>> chunks;  // (weight, first row)
+  chunks.reserve(static_cast<size_t>(n_chunks));
+  for (int j = 0; j < count; ++j)
+    for (int64_t n0 = 0; n0 < c[j].rows; n0 += kRowChunk) chunks.emplace_back(j, n0);
+  float* const xtb = scratch<0>(static_cast<size_t>(n_tiles) * tile_floats);  // the calling thread's
+#pragma omp parallel
+  {
+#pragma omp for schedule(static)
+    for (int64_t tile = 0; tile < n_tiles; ++tile) transpose_tile(x, M, K, tile, tok, xtb + tile * tile_floats);
+    alignas(64) float out[kRowChunk * kTok];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < n_tiles * n_chunks; ++task) {
+      const int64_t tile = task / n_chunks;
+      const auto [j, n0] = chunks[static_cast<size_t>(task % n_chunks)];
+      const int64_t m0 = tile * tok, ntok = std::min<int64_t>(tok, M - m0);
+      const int64_t rows = std::min<int64_t>(kRowChunk, c[j].rows - n0);
+      tile_rows(xtb + tile * tile_floats, tok, ntok, n0, rows, c[j], biases[j], out);
+      finish_tile(out, tok, m0, ntok, n0, rows, ys[j], c[j].rows, none, false);
     }
   }
 }

@@ -64,5 +64,11 @@ void csr_ffn_forward_f32(const float* x, int64_t M, int64_t K, const CsrMatrix& 
                          int hidden_activation, const CsrMatrix& w2, const float* b2, float* y,
                          const Epilogue& epilogue = Epilogue());
 
+// Several CSR layers on the same input in one pass (a layer's query, key and value projections):
+// ys[j] [M, ws[j].rows] = x [M, K] @ W_j^T + biases[j] (nullable), each x tile transposed once for
+// all of them. The same floats as one csr_linear_forward_f32 call per weight.
+void csr_multi_forward_f32(const float* x, int64_t M, int64_t K, int count, const CsrMatrix* ws,
+                           const float* const* biases, float* const* ys);
+
 }  // namespace cpu
 }  // namespace capkit
