@@ -159,7 +159,7 @@ std::tuple<Tensor, Tensor> grad_weight_cpu(const Tensor& grad_out, const Tensor&
 // A panelled CSR weight by output row (capkit/ops/sparse_format.py builds it) for inputs of K
 // features, checked, with its bias (nullable, a vector of out_features).
 cpu::CsrMatrix checked_csr(const Tensor& ptr, const Tensor& col_idx, const Tensor& values, const OptTensor& bias,
-                           int64_t out_features, int64_t panel, int64_t K) {
+                           int64_t out_features, int64_t panel, int64_t K, const OptTensor& quads = std::nullopt) {
   check_f32_cpu(values, "values");
   for (const auto* t : {&ptr, &col_idx}) {
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kInt && t->dim() == 1 && t->is_contiguous(),
@@ -182,6 +182,13 @@ cpu::CsrMatrix checked_csr(const Tensor& ptr, const Tensor& col_idx, const Tenso
   }
   cpu::CsrMatrix w;
   w.ptr = rp, w.col_idx = col_idx.data_ptr<int32_t>(), w.values = values.data_ptr<float>(), w.rows = N, w.panel = panel;
+  if (quads.has_value()) {
+    TORCH_CHECK(quads->device().is_cpu() && quads->scalar_type() == at::kByte && quads->dim() == 1 &&
+                    quads->is_contiguous() && quads->numel() == N / 4,
+                "capkit: row_quads must be a contiguous uint8 CPU vector of out_features // 4 = ", N / 4,
+                " entries, got ", quads->sizes(), " ", quads->scalar_type());
+    w.quads = quads->data_ptr<uint8_t>();
+  }
   return w;
 }
 
@@ -222,16 +229,16 @@ const float* ptr_or_null_f32(const OptTensor& t) { return t.has_value() ? t->dat
 Tensor csr_linear_forward_cpu(const Tensor& x, const Tensor& ptr, const Tensor& col_idx, const Tensor& values,
                               const OptTensor& bias, int64_t out_features, int64_t panel, int64_t activation,
                               const OptTensor& residual, bool layer_norm, const OptTensor& ln_weight,
-                              const OptTensor& ln_bias, double ln_eps) {
+                              const OptTensor& ln_bias, double ln_eps, const OptTensor& row_quads) {
   check_matrix(x, "x");
   check_f32_cpu(x, "x");
   const int64_t M = x.size(0), K = x.size(1);
-  const cpu::CsrMatrix w = checked_csr(ptr, col_idx, values, bias, out_features, panel, K);
+  const cpu::CsrMatrix w = checked_csr(ptr, col_idx, values, bias, out_features, panel, K, row_quads);
   const cpu::Epilogue ep = checked_epilogue(M, out_features, activation, residual, layer_norm, ln_weight, ln_bias,
                                             ln_eps);
   Tensor y = new_output({M, out_features}, x.options());
   cpu::csr_linear_forward_f32(x.data_ptr<float>(), w.ptr, w.col_idx, w.values, ptr_or_null_f32(bias),
-                              y.data_ptr<float>(), M, out_features, K, panel, ep);
+                              y.data_ptr<float>(), M, out_features, K, panel, ep, w.quads);
   return y;
 }
 
@@ -292,14 +299,15 @@ Tensor attention_forward_cpu(const Tensor& q, const Tensor& k, const Tensor& v, 
 Tensor encoder_layer_forward_cpu(const Tensor& x, const OptTensor& mask, int64_t heads, double scale,
                                  at::TensorList ptrs, at::TensorList col_idx, at::TensorList values,
                                  const c10::List<std::optional<Tensor>>& biases, at::IntArrayRef out_features,
-                                 at::IntArrayRef panels, const OptTensor& ln1_weight, const OptTensor& ln1_bias,
+                                 at::IntArrayRef panels, const c10::List<std::optional<Tensor>>& quads,
+                                 const OptTensor& ln1_weight, const OptTensor& ln1_bias,
                                  double ln1_eps, const OptTensor& ln2_weight, const OptTensor& ln2_bias,
                                  double ln2_eps) {
   TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), "capkit: x must be a contiguous [batch, positions, hidden] tensor, "
               "got shape ", x.sizes());
   check_f32_cpu(x, "x");
   for (const size_t n : {ptrs.size(), col_idx.size(), values.size(), biases.size(), out_features.size(),
-                         panels.size()}) {
+                         panels.size(), quads.size()}) {
     TORCH_CHECK(n == 6, "capkit: encoder_layer_forward takes 6 linear layers (query, key, value, attention output, "
                 "feed-forward in, feed-forward out), got a list of ", n);
   }
@@ -312,7 +320,7 @@ Tensor encoder_layer_forward_cpu(const Tensor& x, const OptTensor& mask, int64_t
   auto linear = [&](const Tensor& in, int i, int64_t activation, const OptTensor& residual, bool ln,
                     const OptTensor& w, const OptTensor& b, double eps) {
     return csr_linear_forward_cpu(in, ptrs[i], col_idx[i], values[i], contiguous(biases.get(i)), out_features[i],
-                                  panels[i], activation, residual, ln, contiguous(w), contiguous(b), eps);
+                                  panels[i], activation, residual, ln, contiguous(w), contiguous(b), eps, quads.get(i));
   };
   const Tensor x2 = x.view({B * S, Hd});
   auto heads_view = [&](const Tensor& t) { return t.view({B, S, heads, d}).transpose(1, 2); };
@@ -324,7 +332,7 @@ Tensor encoder_layer_forward_cpu(const Tensor& x, const OptTensor& mask, int64_t
   float* yp[3];
   for (int i = 0; i < 3; ++i) {
     b_qkv[i] = contiguous(biases.get(i));
-    w_qkv[i] = checked_csr(ptrs[i], col_idx[i], values[i], b_qkv[i], Hd, panels[i], Hd);
+    w_qkv[i] = checked_csr(ptrs[i], col_idx[i], values[i], b_qkv[i], Hd, panels[i], Hd, quads.get(i));
     qkv[i] = new_output({B * S, Hd}, x.options());
     bp[i] = ptr_or_null_f32(b_qkv[i]);
     yp[i] = qkv[i].data_ptr<float>();
@@ -336,8 +344,8 @@ Tensor encoder_layer_forward_cpu(const Tensor& x, const OptTensor& mask, int64_t
   // the feed-forward block in one pass (its hidden activations stay in the threads' caches)
   const int64_t inter = out_features[4];
   const OptTensor b_in = contiguous(biases.get(4)), b_out = contiguous(biases.get(5));
-  const cpu::CsrMatrix w_in = checked_csr(ptrs[4], col_idx[4], values[4], b_in, inter, panels[4], Hd);
-  const cpu::CsrMatrix w_out = checked_csr(ptrs[5], col_idx[5], values[5], b_out, Hd, panels[5], inter);
+  const cpu::CsrMatrix w_in = checked_csr(ptrs[4], col_idx[4], values[4], b_in, inter, panels[4], Hd, quads.get(4));
+  const cpu::CsrMatrix w_out = checked_csr(ptrs[5], col_idx[5], values[5], b_out, Hd, panels[5], inter, quads.get(5));
   const OptTensor ln2_w = contiguous(ln2_weight), ln2_b = contiguous(ln2_bias);
   const cpu::Epilogue ep = checked_epilogue(B * S, Hd, cpu::kActivationNone, a, true, ln2_w, ln2_b, ln2_eps);
   Tensor y = new_output({B, S, Hd}, x.options());
@@ -449,12 +457,12 @@ TORCH_LIBRARY(capkit, m) {
   m.def(
       "csr_linear_forward(Tensor x, Tensor ptr, Tensor col_idx, Tensor values, Tensor? bias, "
       "int out_features, int panel, int activation=0, Tensor? residual=None, bool layer_norm=False, "
-      "Tensor? ln_weight=None, Tensor? ln_bias=None, float ln_eps=1e-05) -> Tensor");
+      "Tensor? ln_weight=None, Tensor? ln_bias=None, float ln_eps=1e-05, Tensor? row_quads=None) -> Tensor");
   m.def("attention_forward(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
   m.def(
       "encoder_layer_forward(Tensor x, Tensor? mask, int heads, float scale, Tensor[] ptrs, Tensor[] col_idx, "
-      "Tensor[] values, Tensor?[] biases, int[] out_features, int[] panels, Tensor? ln1_weight, Tensor? ln1_bias, "
-      "float ln1_eps, Tensor? ln2_weight, Tensor? ln2_bias, float ln2_eps) -> Tensor");
+      "Tensor[] values, Tensor?[] biases, int[] out_features, int[] panels, Tensor?[] row_quads, "
+      "Tensor? ln1_weight, Tensor? ln1_bias, float ln1_eps, Tensor? ln2_weight, Tensor? ln2_bias, float ln2_eps) -> Tensor");
   m.def(
       "info_nce_forward(Tensor qs, Tensor keys, Tensor? key_scale, Tensor qid, Tensor kid, Tensor? qlab, "
       "Tensor? klab, Tensor? self_index) -> Tensor");

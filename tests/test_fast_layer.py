@@ -286,7 +286,7 @@ def _layer_op_args(hidden, inter, heads, density=0.2, seed=0, bias=True, affine=
 def _call_layer_op(x, mask, heads, scale, packs, biases, ln):
     return torch.ops.capkit.encoder_layer_forward(
         x, mask, heads, scale, [p.ptr for p in packs], [p.col_idx for p in packs], [p.values for p in packs], biases,
-        [p.shape[0] for p in packs], [p.panel for p in packs], *ln[0], *ln[1])
+        [p.shape[0] for p in packs], [p.panel for p in packs], [p.row_quads for p in packs], *ln[0], *ln[1])
 
 
 @pytest.mark.parametrize("bsz,seq,hidden,heads,inter", [(1, 1, 32, 4, 48), (2, 13, 48, 3, 100), (3, 70, 64, 4, 130)])

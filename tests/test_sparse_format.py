@@ -272,3 +272,43 @@ def test_sparse_block_masks_in_inference_run_the_csr_kernel(csr_threshold, eleme
             denser = BlockMask.from_dense(torch.ones(70, 96, dtype=torch.bool), 16)
             masked_linear(x, w.nan_to_num(), denser, b)
     assert kernel.call_count == 0 and wg.grad is not None
+
+
+def _row_block_mask(n, k, rows, cols, keep, seed):
+    """A mask kept in blocks of rows x cols (the last blocks cut at the edges), plus a few rows of
+    other patterns so that some groups of four rows differ."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.rand(-(-n // rows), -(-k // cols), generator=g) < keep
+    mask = blocks.repeat_interleave(rows, 0)[:n].repeat_interleave(cols, 1)[:, :k].clone()
+    mask[5] = torch.rand(k, generator=g) < 0.5  # breaks the group of rows 4..7
+    return mask
+
+
+def test_row_quads_mark_groups_of_four_equal_rows():
+    mask = _row_block_mask(22, 40, 4, 8, 0.5, 0)  # 22 rows: 5 groups, rows 20-21 in none
+    quads = sparse_format.pack_csr(torch.randn(22, 40), mask).row_quads
+    expected = [int(bool((mask[4 * i:4 * i + 4] == mask[4 * i]).all())) for i in range(5)]
+    assert quads.dtype == torch.uint8 and quads.tolist() == expected and expected[1] == 0 and sum(expected) >= 3
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("rows,cols,panel", [(4, 8, None), (32, 32, None), (8, 1, 13), (32, 32, 48)])
+def test_grouped_rows_match_the_reference(threads, rows, cols, panel):
+    """Rows pruned in groups of four (or more) take the four-row path of the kernel: every tile
+    width, both schedules, panels, odd sizes, empty groups, and NaN in pruned entries."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for n, k in ((70, 96), (130, 200)):
+            w = torch.randn(n, k)
+            mask = _row_block_mask(n, k, rows, cols, 0.3, n)
+            mask[8:12] = False  # an empty group
+            packed = pack_csr(w.masked_fill(~mask, float("nan")), mask, panel=panel)
+            assert packed.row_quads.sum() > 0
+            b = torch.randn(n)
+            for m_ in (1, 5, 16, 33, 64, 130):
+                x = torch.randn(m_, k)
+                torch.testing.assert_close(call_kernel(x, packed, b).double(), reference(x, w, mask, b),
+                                           atol=tol(k), rtol=0)
+    finally:
+        torch.set_num_threads(before)

@@ -262,7 +262,7 @@ def _run(parts, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tens
         hidden_states.contiguous(), attention_mask, sa.num_attention_heads, float(sa.scaling),
         [p.ptr for p in packs], [p.col_idx for p in packs], [p.values for p in packs],
         [m._parameters.get("bias") for m in linears], [p.shape[0] for p in packs], [p.panel for p in packs],
-        *layer_norm_args(ln1), *layer_norm_args(ln2))
+        [p.row_quads for p in packs], *layer_norm_args(ln1), *layer_norm_args(ln2))
 
 
 def use_fast_layers(model: nn.Module) -> int:

@@ -50,6 +50,9 @@ class CSRWeight:
     values: torch.Tensor  # float32 [nnz]
     shape: tuple
     panel: int
+    # uint8 [out // 4]: 1 where rows 4g .. 4g + 3 keep the same columns (the kernel then reads each
+    # input row once for the four); None: no such groups known
+    row_quads: Optional[torch.Tensor] = None
 
     @property
     def nnz(self) -> int:
@@ -94,7 +97,16 @@ def pack_csr(weight: torch.Tensor, mask: torch.Tensor, panel: Optional[int] = No
             torch.zeros(n_panels * out_f, dtype=torch.long)
         ptr = torch.zeros(n_panels * out_f + 1, dtype=torch.int32)
         ptr[1:] = counts.cumsum(0)
-        return CSRWeight(ptr, cols.to(torch.int32).contiguous(), values.contiguous(), (out_f, in_f), panel)
+        return CSRWeight(ptr, cols.to(torch.int32).contiguous(), values.contiguous(), (out_f, in_f), panel,
+                         row_quads(keep))
+
+
+def row_quads(keep: torch.Tensor) -> torch.Tensor:
+    """``[rows // 4]`` uint8: 1 where the four rows ``4g .. 4g + 3`` of the boolean ``keep`` are
+    equal (masks pruned in blocks of four rows or more, e.g. 32 x 32 blocks, give whole groups)."""
+    g = keep.shape[0] // 4
+    rows = keep[: 4 * g].reshape(g, 4, keep.shape[1])
+    return (rows == rows[:, :1]).flatten(1).all(1).to(torch.uint8).contiguous()
 
 
 def tensor_version(t: torch.Tensor) -> int:
@@ -168,7 +180,7 @@ def csr_kernel_call(x2d: torch.Tensor, packed: CSRWeight, bias: Optional[torch.T
     c = _contiguous
     return torch.ops.capkit.csr_linear_forward(x2d.contiguous(), packed.ptr, packed.col_idx, packed.values, c(bias),
                                                packed.shape[0], packed.panel, activation, c(residual), layer_norm,
-                                               c(ln_weight), c(ln_bias), ln_eps)
+                                               c(ln_weight), c(ln_bias), ln_eps, packed.row_quads)
 
 
 def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

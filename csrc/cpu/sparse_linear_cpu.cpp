@@ -229,6 +229,38 @@ using RowFn = void (*)(const float*, int64_t, const int32_t*, const float*, int6
 constexpr RowFn kRowFns[9] = {nullptr,     row_avx2<1>, row_avx2<2>, row_avx2<3>, row_avx2<4>,
                               row_avx2<5>, row_avx2<6>, row_avx2<7>, row_avx2<8>};
 constexpr RowFn kRowFns512[5] = {nullptr, row_avx512<1>, row_avx512<2>, row_avx512<3>, row_avx512<4>};
+
+// Four output rows with the same stored columns (rows n .. n + 3 of a weight pruned in blocks of
+// four rows or more: 32 x 32 blocks give whole groups): each xT row loaded once serves the four
+// rows, so a stored weight costs one FMA per vector and no load of its own. idx and the count
+// are the first row's; val[r] points at row r's values.
+template <int V>
+__attribute__((target("avx512f"))) void row4_avx512(const float* xt, int64_t ld, const int32_t* idx,
+                                                    const float* const* val, int64_t count, const float* b0,
+                                                    bool acc_out, float* out, int64_t ldo) {
+  __m512 a[4][V];
+  for (int r = 0; r < 4; ++r)
+    for (int c = 0; c < V; ++c)
+      a[r][c] = acc_out ? _mm512_load_ps(out + r * ldo + 16 * c) : _mm512_set1_ps(b0[r]);
+  for (int64_t t = 0; t < count; ++t) {
+    const float* p = xt + static_cast<int64_t>(idx[t]) * ld;
+    __m512 x[V];
+    for (int c = 0; c < V; ++c) x[c] = _mm512_load_ps(p + 16 * c);
+    for (int r = 0; r < 4; ++r) {
+      const __m512 w = _mm512_set1_ps(val[r][t]);
+      for (int c = 0; c < V; ++c) a[r][c] = _mm512_fmadd_ps(w, x[c], a[r][c]);
+    }
+  }
+  __m512 y[4][V];  // copied out first, stored after (stores through float* kept GCC from using registers)
+  for (int r = 0; r < 4; ++r)
+    for (int c = 0; c < V; ++c) y[r][c] = a[r][c];
+  for (int r = 0; r < 4; ++r)
+    for (int c = 0; c < V; ++c) _mm512_store_ps(out + r * ldo + 16 * c, y[r][c]);
+}
+
+using Row4Fn = void (*)(const float*, int64_t, const int32_t*, const float* const*, int64_t, const float*, bool,
+                        float*, int64_t);
+constexpr Row4Fn kRow4Fns512[5] = {nullptr, row4_avx512<1>, row4_avx512<2>, row4_avx512<3>, row4_avx512<4>};
 #endif
 
 // ---------------------------------------------------------------------------------------------
@@ -430,6 +462,7 @@ struct Csr {
   const float* values;
   int64_t rows;
   int64_t n_panels;
+  const uint8_t* quads;  // nullable: quads[g] != 0 when rows 4g .. 4g + 3 store the same columns
 };
 
 // Output rows [n0, n0 + nrows) for the tokens of one tile (xtile [K][tok]) into out [nrows][tok],
@@ -445,10 +478,20 @@ void tile_rows(const float* xtile, int64_t tok, int64_t ntok, int64_t n0, int64_
     for (int64_t r = 0; r < nrows; ++r) {
       const int64_t n = n0 + r;
       const int64_t e0 = pp[n], e1 = pp[n + 1];
-      if (acc_out && e0 == e1) continue;  // nothing of this row in this panel
+      if (acc_out && e0 == e1) {  // nothing of this row in this panel (nor of its group's)
+        if (w.quads && n % 4 == 0 && r + 4 <= nrows && w.quads[n / 4]) r += 3;
+        continue;
+      }
       const float b0 = bias ? bias[n] : 0.0f;
       float* o = out + r * tok;
 #ifdef CAPKIT_X86
+      if (kAvx512 && w.quads && n % 4 == 0 && r + 4 <= nrows && w.quads[n / 4]) {
+        const float* vals[4] = {w.values + e0, w.values + pp[n + 1], w.values + pp[n + 2], w.values + pp[n + 3]};
+        const float b4[4] = {b0, bias ? bias[n + 1] : 0.0f, bias ? bias[n + 2] : 0.0f, bias ? bias[n + 3] : 0.0f};
+        kRow4Fns512[(nvec + 1) / 2](xtile, tok, w.col_idx + e0, vals, e1 - e0, b4, acc_out, o, tok);
+        r += 3;
+        continue;
+      }
       if (kAvx512) {
         kRowFns512[(nvec + 1) / 2](xtile, tok, w.col_idx, w.values, e0, e1, b0, acc_out, o);
         continue;
@@ -510,9 +553,9 @@ void transpose_f32(const float* src, int64_t ls, int64_t rows, int64_t cols, flo
 
 void csr_linear_forward_f32(const float* x, const int32_t* ptr, const int32_t* col_idx, const float* values,
                             const float* bias, float* y, int64_t M, int64_t N, int64_t K, int64_t panel,
-                            const Epilogue& ep) {
+                            const Epilogue& ep, const uint8_t* quads) {
   if (M == 0 || N == 0) return;
-  const Csr w{ptr, col_idx, values, N, panel > 0 && K > 0 ? cdiv(K, panel) : 1};
+  const Csr w{ptr, col_idx, values, N, panel > 0 && K > 0 ? cdiv(K, panel) : 1, quads};
   const int threads = cpu_max_threads();
   const int64_t tok = tile_width(M, threads);
   const int64_t n_tiles = cdiv(M, tok);
@@ -565,8 +608,8 @@ void csr_ffn_forward_f32(const float* x, int64_t M, int64_t K, const CsrMatrix& 
                          int hidden_activation, const CsrMatrix& w2, const float* b2, float* y, const Epilogue& ep) {
   const int64_t N1 = w1.rows, N2 = w2.rows;
   if (M == 0 || N2 == 0) return;
-  const Csr c1{w1.ptr, w1.col_idx, w1.values, N1, w1.panel > 0 && K > 0 ? cdiv(K, w1.panel) : 1};
-  const Csr c2{w2.ptr, w2.col_idx, w2.values, N2, w2.panel > 0 && N1 > 0 ? cdiv(N1, w2.panel) : 1};
+  const Csr c1{w1.ptr, w1.col_idx, w1.values, N1, w1.panel > 0 && K > 0 ? cdiv(K, w1.panel) : 1, w1.quads};
+  const Csr c2{w2.ptr, w2.col_idx, w2.values, N2, w2.panel > 0 && N1 > 0 ? cdiv(N1, w2.panel) : 1, w2.quads};
   const int threads = cpu_max_threads();
   const int64_t tok = tile_width(M, threads);
   const int64_t n_tiles = cdiv(M, tok);
@@ -629,7 +672,8 @@ void csr_multi_forward_f32(const float* x, int64_t M, int64_t K, int count, cons
   std::vector<Csr> c(count);
   int64_t widest = 0, n_chunks = 0;
   for (int j = 0; j < count; ++j) {
-    c[j] = Csr{ws[j].ptr, ws[j].col_idx, ws[j].values, ws[j].rows, ws[j].panel > 0 && K > 0 ? cdiv(K, ws[j].panel) : 1};
+    c[j] = Csr{ws[j].ptr, ws[j].col_idx, ws[j].values, ws[j].rows, ws[j].panel > 0 && K > 0 ? cdiv(K, ws[j].panel) : 1,
+                ws[j].quads};
     widest = std::max(widest, ws[j].rows);
     n_chunks += cdiv(ws[j].rows, kRowChunk);
   }

@@ -41,9 +41,12 @@ float* thread_scratch_f32(size_t n, int slot);
 // dst[c * ld + r] = src[r * ls + c] for r < rows, c < cols (8 x 8 blocks in registers with AVX2).
 void transpose_f32(const float* src, int64_t ls, int64_t rows, int64_t cols, float* dst, int64_t ld);
 
+// quads (nullable, [N / 4]): quads[g] != 0 marks rows 4g .. 4g + 3 whose stored columns are the
+// same in every panel (a weight pruned in blocks of four rows or more); the kernel then reads each
+// of their xT rows once for the four.
 void csr_linear_forward_f32(const float* x, const int32_t* ptr, const int32_t* col_idx, const float* values,
                             const float* bias, float* y, int64_t M, int64_t N, int64_t K, int64_t panel,
-                            const Epilogue& epilogue = Epilogue());
+                            const Epilogue& epilogue = Epilogue(), const uint8_t* quads = nullptr);
 
 // A panelled CSR weight of `rows` output rows (layout as above; panel <= 0: plain CSR).
 struct CsrMatrix {
@@ -52,6 +55,7 @@ struct CsrMatrix {
   const float* values = nullptr;
   int64_t rows = 0;
   int64_t panel = 0;
+  const uint8_t* quads = nullptr;  // as in csr_linear_forward_f32
 };
 
 // Two CSR layers in one pass over token tiles (a BERT feed-forward block):
