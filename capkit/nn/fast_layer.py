@@ -4,11 +4,13 @@ Once pruning has made a layer's linear layers cheap, the Python around them beco
 a CPU forward: transformers' module tree (attention, self-attention, the attention interface, the
 output blocks, the feed-forward chunking) and capkit's per-module checks cost roughly 0.4 ms per
 layer on the 2-core Xeon, against roughly 0.9 ms for the six sparse linear layers and the attention
-of one 128-token MiniLM sequence (90% unstructured; scratch profile and A/B under outside load). :func:`use_fast_layers` (``capkit.load`` calls it) gives every such layer
-a forward that, when the whole layer can run on capkit's CPU kernels, checks that once and then
-calls the kernels directly: the three projections, the attention kernel, the attention output with
-its residual sum and LayerNorm, the first feed-forward layer with its GELU, and the second with its
-residual sum and LayerNorm. Every other call (training, autograd, tracing, hooks on a sub-module,
+of one 128-token MiniLM sequence (90% unstructured; scratch profile and A/B under outside load).
+:func:`use_fast_layers` (``capkit.load`` calls it) gives every such layer a forward that, when the
+whole layer can run on capkit's CPU kernels, checks that once and then runs the layer in one C++
+call (``capkit::encoder_layer_forward``): the three projections in one pass over the input, the
+attention kernel, the attention output with its residual sum and LayerNorm, and the feed-forward
+block (GELU, residual sum, LayerNorm) in one pass whose hidden activations stay in the threads'
+caches. Every other call (training, autograd, tracing, hooks on a sub-module,
 cross-attention or a cache, a mask or dtype the kernels do not take, a linear layer that is not on
 the CSR kernel) runs the layer's own forward unchanged, and so gives exactly what it gave before.
 
