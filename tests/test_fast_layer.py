@@ -225,20 +225,56 @@ def test_capkit_load_gives_fast_layers(tmp_path):
     assert run.call_count == plain.config.num_hidden_layers
 
 
-def test_compiled_fast_model_runs_the_layers_own_forward():
+def _compiled_graph_ops(fast, batch):
+    """Compile ``fast`` (aot_eager, one graph) and return (its logits, the op names in the graph)."""
     import torch._dynamo
-    import torch._dynamo.testing
 
     torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(fast, backend=backend, fullgraph=True)
+    out = [compiled(**batch).logits for _ in range(2)]
+    torch.testing.assert_close(out[0], out[1], atol=0, rtol=0)
+    targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    return out[1], targets, len(graphs)
+
+
+def test_compiled_fast_model_has_one_node_per_layer():
+    """Under torch.compile each fast layer is one capkit::encoder_layer_fused node (which sends
+    the layer to the C++ layer op when the graph runs), in one graph, with the outputs of the
+    layers' own forwards."""
     plain, fast = _models()
     batch = _batch(plain.config)
     with torch.no_grad():
         expected = plain(**batch).logits
-        counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
-        compiled = torch.compile(fast, backend=counter, fullgraph=True)
-        for _ in range(2):
-            torch.testing.assert_close(compiled(**batch).logits, expected, atol=1e-5, rtol=1e-5)
-    assert counter.frame_count == 1
+        got, targets, n_graphs = _compiled_graph_ops(fast, batch)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert n_graphs == 1
+    assert sum("encoder_layer_fused" in t for t in targets) == plain.config.num_hidden_layers
+    assert not any("masked_linear" in t for t in targets)
+
+
+def test_compiled_layer_node_runs_its_steps_when_a_linear_is_too_dense():
+    """A linear too dense for the CSR kernel: the node runs the six masked-linear steps and the
+    attention kernel one by one when the graph runs, and gives the same outputs."""
+    plain, fast = _models()
+    for model in (plain, fast):
+        dense_mask = torch.ones_like(model.bert.encoder.layer[0].intermediate.dense.mask)
+        model.bert.encoder.layer[0].intermediate.dense.set_mask(dense_mask)
+    batch = _batch(plain.config)
+    with torch.no_grad():
+        expected = plain(**batch).logits
+        with mock.patch.object(torch.ops.capkit, "encoder_layer_forward",
+                               wraps=torch.ops.capkit.encoder_layer_forward) as layer_op:
+            got, targets, _ = _compiled_graph_ops(fast, batch)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert sum("encoder_layer_fused" in t for t in targets) == plain.config.num_hidden_layers
+    # two compiled calls: the C++ layer op for every layer but the first
+    assert layer_op.call_count == 2 * (plain.config.num_hidden_layers - 1)
 
 
 def _reference_layer(x, mask, heads, scale, weights, biases, ln1, ln2):
@@ -351,3 +387,24 @@ def test_encoder_layer_op_equals_its_kernel_calls_one_by_one(threads, panel):
             torch.testing.assert_close(got.view(tokens, hidden), want, atol=0, rtol=0)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("too_dense", [False, True])
+def test_opcheck_encoder_layer_node(too_dense):
+    from torch.library import opcheck
+
+    plain, fast = _models()
+    layer = fast.bert.encoder.layer[1]
+    if too_dense:  # the node's step-by-step path
+        layer.output.dense.set_mask(torch.ones_like(layer.output.dense.mask))
+    hidden = torch.randn(2, 7, plain.config.hidden_size)
+    mask = torch.zeros(2, 1, 1, 7)
+    mask[1, ..., 4:] = float("-inf")
+    with torch.no_grad():
+        parts = fast_layer._traced_parts(layer, hidden, mask, (), {})
+        assert parts is not None
+        args = fast_layer._layer_node_args(parts, hidden, mask)
+        opcheck(torch.ops.capkit.encoder_layer_fused.default, args)
+        own = layer._capkit_base.forward(layer, hidden, mask)  # the layer's own forward
+        own = own[0] if isinstance(own, tuple) else own
+        torch.testing.assert_close(torch.ops.capkit.encoder_layer_fused(*args), own, atol=1e-5, rtol=1e-5)

@@ -66,8 +66,16 @@ class _FastLayer:
     """Mixed in before a BERT-family layer class; see the module docstring."""
 
     _capkit_base: type = nn.Module
+    _capkit_annotated_returns: Optional[str] = None  # "tensor" where the base forward is annotated so
 
     def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            returns = self.__dict__.get("_capkit_returns") or type(self)._capkit_annotated_returns
+            parts = _traced_parts(self, hidden_states, attention_mask, args, kwargs) if returns else None
+            if parts is not None:
+                y = _traced_run(parts, hidden_states, attention_mask)
+                return (y,) if returns == "tuple" else y
+            return super().forward(hidden_states, attention_mask, *args, **kwargs)
         parts = fast_layer_applies(self, hidden_states, attention_mask, args, kwargs)
         if parts is None:
             out = super().forward(hidden_states, attention_mask, *args, **kwargs)
@@ -88,8 +96,10 @@ class _FastLayer:
 def _fast_class(base: type) -> type:
     cls = _CLASSES.get(base)
     if cls is None:
-        cls = type(base.__name__, (_FastLayer, base), {"_capkit_base": base, "__module__": base.__module__,
-                                                        "__qualname__": base.__qualname__})
+        annotated = getattr(getattr(base, "forward", None), "__annotations__", {}).get("return")
+        cls = type(base.__name__, (_FastLayer, base), {
+            "_capkit_base": base, "__module__": base.__module__, "__qualname__": base.__qualname__,
+            "_capkit_annotated_returns": "tensor" if annotated is torch.Tensor else None})
         _CLASSES[base] = cls
     return cls
 
@@ -250,6 +260,64 @@ def fast_layer_applies(layer: nn.Module, hidden_states, attention_mask=None, arg
             and i[0] == f[1]):
         return None
     return sa, linears, ln1, ln2
+
+
+def _traced_parts(layer: nn.Module, hidden_states, attention_mask, args, kwargs):
+    """Under torch.compile: the layer's parts when its call can be one ``capkit::encoder_layer_fused``
+    node, else None (the layer's own forward is traced). The same conditions as
+    :func:`fast_layer_applies` that a graph can be specialised on (modes, structure, dtypes, the
+    attention implementation, hooks); each linear's mask goes to the node, which makes the CSR
+    choice when the graph runs."""
+    if torch.is_grad_enabled() or layer.training or torch.is_autocast_enabled("cpu"):
+        return None
+    if any(a is not None for a in args) or any(
+            k not in _IGNORED and v is not None and v is not False for k, v in (kwargs or {}).items()):
+        return None
+    if not (isinstance(hidden_states, torch.Tensor) and hidden_states.dim() == 3
+            and hidden_states.dtype == torch.float32 and hidden_states.is_cpu):
+        return None
+    if attention_mask is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4
+                                           and attention_mask.is_cpu):
+        return None
+    found = _find_parts(layer)
+    if found is None:
+        return None
+    sa, linears, ln1, ln2, subs, _, moded = found
+    if getattr(sa.config, "_attn_implementation", None) != attn.ATTENTION_NAME or not attn._available:
+        return None
+    if any(m.training for m in moded) or not _hooks_inert(subs):
+        return None
+    h = hidden_states.shape[-1]
+    if sa.num_attention_heads * sa.attention_head_size != h or not (_fits(ln1, h) and _fits(ln2, h)):
+        return None
+    if any(m.weight.dtype != torch.float32 or not m.weight.is_cpu for m in linears):
+        return None
+    return sa, linears, ln1, ln2
+
+
+def _traced_run(parts, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    return torch.ops.capkit.encoder_layer_fused(*_layer_node_args(parts, hidden_states, attention_mask))
+
+
+def _layer_node_args(parts, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> tuple:
+    """The arguments of ``capkit::encoder_layer_fused`` for a layer's parts."""
+    from capkit.ops._library import layout_tensors
+    from capkit.ops.masked_linear import _split_mask
+
+    sa, linears, ln1, ln2 = parts
+    weights, masks, biases, layouts, kinds = [], [], [], [], []
+    for m in linears:
+        dense, layout, kind = _split_mask(m.current_mask(), m.weight.shape, m.weight.device)
+        weights.append(m.weight)
+        masks.append(dense)
+        biases.append(m.bias)
+        layouts.append(layout_tensors(layout))
+        kinds.append(kind)
+    lns = [layer_norm_args(ln) for ln in (ln1, ln2)]
+    return (hidden_states, attention_mask, sa.num_attention_heads, float(sa.scaling), weights, masks, biases,
+            [t[0] for t in layouts], [t[1] for t in layouts], [t[2] for t in layouts], [t[3] for t in layouts],
+            [t[4] for t in layouts], ",".join(kinds), ",".join(m.backend for m in linears),
+            [ln[0] for ln in lns], [ln[1] for ln in lns], [ln[2] for ln in lns])
 
 
 def _run(parts, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:

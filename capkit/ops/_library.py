@@ -44,7 +44,7 @@ __all__ = ["CUSTOM_OPS", "layout_tensors"]
 # The ops this module registers, as ``torch.ops`` names.
 CUSTOM_OPS = ("capkit::masked_linear", "capkit::masked_linear_fused", "capkit::masked_linear_dx",
               "capkit::masked_linear_dw",
-              "capkit::info_nce_stats", "capkit::info_nce_stats_backward")
+              "capkit::info_nce_stats", "capkit::info_nce_stats_backward", "capkit::encoder_layer_fused")
 
 
 def layout_tensors(layout: Optional[BlockLayout]):
@@ -174,6 +174,64 @@ def _masked_linear_fused_op(x: torch.Tensor, weight: torch.Tensor, mask: Optiona
 def _(x, weight, mask, bias, row_ptr, col_idx, col_ptr, row_idx, block_size, mask_kind, backend, activation,
       residual, layer_norm, ln_weight, ln_bias, ln_eps):
     return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+# A BERT-family encoder layer for inference in a torch.compile graph (capkit.nn.use_fast_layers):
+# one node per layer that, when the graph runs, sends the layer to capkit::encoder_layer_forward
+# if all six linears go to the CSR kernel (the same per-linear choice as masked_linear), and
+# otherwise runs the six masked_linear_fused calls and the attention kernel one by one.
+
+
+@torch.library.custom_op("capkit::encoder_layer_fused", mutates_args=())
+def _encoder_layer_fused_op(x: torch.Tensor, attention_mask: Optional[torch.Tensor], heads: int, scale: float,
+                            weights: List[torch.Tensor], masks: List[Optional[torch.Tensor]],
+                            biases: List[Optional[torch.Tensor]], row_ptrs: List[Optional[torch.Tensor]],
+                            col_idxs: List[Optional[torch.Tensor]], col_ptrs: List[Optional[torch.Tensor]],
+                            row_idxs: List[Optional[torch.Tensor]], block_sizes: List[int], kinds: str,
+                            backends: str, ln_weights: List[Optional[torch.Tensor]],
+                            ln_biases: List[Optional[torch.Tensor]], ln_eps: List[float]) -> torch.Tensor:
+    """``x [B, S, hidden]``; six linears (query, key, value, attention output, feed-forward in,
+    feed-forward out) as masked_linear_fused takes them, ``kinds`` and ``backends`` joined by
+    commas; the two LayerNorms' parameters and eps. Inference only (the caller checks)."""
+    from capkit.nn.attention import cpu_attention
+
+    kind, backend = kinds.split(","), backends.split(",")
+    b, s, h = x.shape
+    x2 = x.reshape(b * s, h)
+    lin = [(weights[i], masks[i], biases[i], row_ptrs[i], col_idxs[i], col_ptrs[i], row_idxs[i], block_sizes[i],
+            kind[i]) for i in range(6)]
+    packs = []
+    for i, (w, m, bias, rp, ci, cp, ri, bs, k) in enumerate(lin):
+        layout = _layout(w.shape, rp, ci, cp, ri, bs)
+        packs.append(_inference_csr(x2, w, m, bias, layout, k, backend[i]))
+    ln1 = (ln_weights[0], ln_biases[0], ln_eps[0])
+    ln2 = (ln_weights[1], ln_biases[1], ln_eps[1])
+    mask = attention_mask
+    if all(p is not None for p in packs):
+        if mask is not None and mask.dtype != torch.float32:
+            mask = torch.where(mask, 0.0, float("-inf")) if mask.dtype == torch.bool else mask.to(torch.float32)
+        return torch.ops.capkit.encoder_layer_forward(
+            x.contiguous(), mask, heads, scale, [p.ptr for p in packs], [p.col_idx for p in packs],
+            [p.values for p in packs], list(biases), [p.shape[0] for p in packs], [p.panel for p in packs],
+            [p.row_quads for p in packs], *ln1, *ln2)
+
+    def step(i, inp, activation=0, residual=None, ln=None):
+        w, m, bias, rp, ci, cp, ri, bs, k = lin[i]
+        lw, lb, eps = ln if ln is not None else (None, None, 1e-5)
+        return torch.ops.capkit.masked_linear_fused(inp, w, m, bias, rp, ci, cp, ri, bs, k, backend[i], activation,
+                                                    residual, ln is not None, lw, lb, eps)
+
+    split = (b, s, heads, h // heads)
+    q, k_, v = (step(i, x2).view(split).transpose(1, 2) for i in range(3))
+    ctx = cpu_attention(q, k_, v, mask, scale).reshape(b * s, h)
+    a = step(3, ctx, residual=x2, ln=ln1)
+    return step(5, step(4, a, activation=1), residual=a, ln=ln2).view(b, s, h)
+
+
+@_encoder_layer_fused_op.register_fake
+def _(x, attention_mask, heads, scale, weights, masks, biases, row_ptrs, col_idxs, col_ptrs, row_idxs, block_sizes,
+      kinds, backends, ln_weights, ln_biases, ln_eps):
+    return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("capkit::masked_linear_dx", mutates_args=())
