@@ -1,4 +1,4 @@
-"""capkit's fused ops as PyTorch custom ops (``torch.library.custom_op``).
+"""capkit's fused ops as PyTorch custom ops (``torch.library``).
 
 Each op has a schema, a fake implementation that gives output shapes and dtypes without running
 anything (so ``torch.compile`` and ``torch.export`` trace through it), and a registered autograd
@@ -14,6 +14,12 @@ formula, so the compiler sees one opaque node per call instead of a graph break:
   layer and the steps after it (GELU, or residual sum and LayerNorm), inside the CSR kernel where
   that kernel runs; what a compiled :class:`~capkit.nn.MaskedLinear` calls with
   ``activation``/``residual``/``layer_norm`` and autograd off.
+* ``capkit::encoder_layer_fused(x, attention_mask, heads, scale, <six linears as lists>, kinds,
+  backends, <the two LayerNorms>) -> y``: inference only, a whole BERT-family encoder layer; what a
+  compiled fast layer (:func:`capkit.nn.use_fast_layers`) calls.
+
+The two inference-only ops are defined through ``torch.library.Library`` (schema, CPU and CUDA
+kernels, fake kernel) rather than ``custom_op``, whose Python wrappers cost far more per call.
 * ``capkit::info_nce_stats(qs, keys, key_scale, qid, kid, qlab, klab, self_index, backend)
   -> stats [B, 5]``: the streaming pass of :func:`capkit.ops.info_nce` (per query: log-sum-exp,
   sum and count of the positive scores of each term). Its gradient with respect to ``qs`` is the
@@ -45,6 +51,26 @@ __all__ = ["CUSTOM_OPS", "layout_tensors"]
 CUSTOM_OPS = ("capkit::masked_linear", "capkit::masked_linear_fused", "capkit::masked_linear_dx",
               "capkit::masked_linear_dw",
               "capkit::info_nce_stats", "capkit::info_nce_stats_backward", "capkit::encoder_layer_fused")
+
+
+# Inference-only ops (no gradient) are defined through torch.library.Library, not custom_op: a call
+# costs a few microseconds that way against 30-140 us through custom_op's wrappers (2-core Xeon: 4.8
+# against 142 us for an empty op taking lists of tensors), which a compiled model pays at every node.
+# A backward through them is refused by autograd's fallback, as for a custom_op without a formula.
+_LIB = torch.library.Library("capkit", "FRAGMENT")
+
+
+def _inference_op(schema: str):
+    name = schema.split("(", 1)[0]
+
+    def register(fn):
+        _LIB.define(schema)
+        for key in ("CPU", "CUDA"):
+            _LIB.impl(name, fn, key)
+        fn.register_fake = torch.library.register_fake(f"capkit::{name}")
+        return fn
+
+    return register
 
 
 def layout_tensors(layout: Optional[BlockLayout]):
@@ -139,7 +165,10 @@ def _(x, weight, mask, bias, row_ptr, col_idx, col_ptr, row_idx, block_size, mas
 # gradient: MaskedLinear calls it only with autograd off.
 
 
-@torch.library.custom_op("capkit::masked_linear_fused", mutates_args=())
+@_inference_op("masked_linear_fused(Tensor x, Tensor weight, Tensor? mask, Tensor? bias, Tensor? row_ptr, "
+               "Tensor? col_idx, Tensor? col_ptr, Tensor? row_idx, SymInt block_size, str mask_kind, str backend, "
+               "SymInt activation, Tensor? residual, bool layer_norm, Tensor? ln_weight, Tensor? ln_bias, "
+               "float ln_eps) -> Tensor")
 def _masked_linear_fused_op(x: torch.Tensor, weight: torch.Tensor, mask: Optional[torch.Tensor],
                             bias: Optional[torch.Tensor], row_ptr: Optional[torch.Tensor],
                             col_idx: Optional[torch.Tensor], col_ptr: Optional[torch.Tensor],
@@ -182,7 +211,10 @@ def _(x, weight, mask, bias, row_ptr, col_idx, col_ptr, row_idx, block_size, mas
 # otherwise runs the six masked_linear_fused calls and the attention kernel one by one.
 
 
-@torch.library.custom_op("capkit::encoder_layer_fused", mutates_args=())
+@_inference_op("encoder_layer_fused(Tensor x, Tensor? attention_mask, SymInt heads, float scale, Tensor[] weights, "
+               "Tensor?[] masks, Tensor?[] biases, Tensor?[] row_ptrs, Tensor?[] col_idxs, Tensor?[] col_ptrs, "
+               "Tensor?[] row_idxs, SymInt[] block_sizes, str kinds, str backends, Tensor?[] ln_weights, "
+               "Tensor?[] ln_biases, float[] ln_eps) -> Tensor")
 def _encoder_layer_fused_op(x: torch.Tensor, attention_mask: Optional[torch.Tensor], heads: int, scale: float,
                             weights: List[torch.Tensor], masks: List[Optional[torch.Tensor]],
                             biases: List[Optional[torch.Tensor]], row_ptrs: List[Optional[torch.Tensor]],
