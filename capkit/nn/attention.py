@@ -38,6 +38,14 @@ def cpu_attention_available() -> bool:
     return _available
 
 
+def additive_mask(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``mask`` as the attention kernel takes it: float32, added to the scores (a boolean mask's
+    True keeps a key: 0, False removes it: -inf)."""
+    if mask is None or mask.dtype == torch.float32:
+        return mask
+    return torch.where(mask, 0.0, float("-inf")) if mask.dtype == torch.bool else mask.to(torch.float32)
+
+
 def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
                   scale: Optional[float] = None) -> torch.Tensor:
     """``softmax(q k^T * scale + mask) v`` with the C++ kernel, for fp32 CPU tensors without autograd.
@@ -63,10 +71,7 @@ def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optio
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
             raise ValueError("cpu_attention: mask must be a 4-D tensor broadcastable to [batch, heads, Sq, Sk]")
-        if mask.dtype == torch.bool:
-            mask = torch.where(mask, 0.0, float("-inf"))
-        elif mask.dtype != torch.float32:
-            mask = mask.to(torch.float32)
+        mask = additive_mask(mask)
     q, k, v = (t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     return torch.ops.capkit.attention_forward(q, k, v, mask, float(scale))
 

@@ -208,6 +208,34 @@ def _fits(ln: nn.LayerNorm, h: int) -> bool:
     return True
 
 
+def _call_fits(hidden_states, attention_mask, args, kwargs) -> bool:
+    """The call's side of both fast paths: no extra positional argument, keyword arguments without
+    effect, fp32 CPU 3-D hidden states outside autocast, a 4-D CPU mask or none."""
+    if any(a is not None for a in args):
+        return False
+    if kwargs:
+        for key, value in kwargs.items():
+            if key not in _IGNORED and value is not None and value is not False:
+                return False
+    if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3 or hidden_states.dtype != torch.float32 \
+            or not hidden_states.is_cpu or torch.is_autocast_enabled("cpu"):
+        return False
+    return attention_mask is None or (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4
+                                      and attention_mask.is_cpu)
+
+
+def _modules_fit(found, h: int, impl) -> bool:
+    """The modules' side of both fast paths, for the parts ``_find_parts`` found, hidden size ``h``
+    and the config's attention implementation ``impl``: capkit's CPU attention, eval modes where
+    the layer's forward reads them, no acting hook, the heads and the LayerNorms over ``h``."""
+    sa, _, ln1, ln2, subs, _, moded = found
+    if impl != attn.ATTENTION_NAME or not attn._available:
+        return False
+    if any(m.training for m in moded) or not _hooks_inert(subs):
+        return False
+    return sa.num_attention_heads * sa.attention_head_size == h and _fits(ln1, h) and _fits(ln2, h)
+
+
 def fast_layer_applies(layer: nn.Module, hidden_states, attention_mask=None, args=(), kwargs=None):
     """``(self-attention, the six linear layers, the two LayerNorms)`` (the linears: query, key,
     value, attention output, feed-forward in, feed-forward out) when a call of ``layer`` with these
@@ -220,19 +248,7 @@ def fast_layer_applies(layer: nn.Module, hidden_states, attention_mask=None, arg
     if torch.is_grad_enabled() or torch.compiler.is_compiling() or layer.training:
         return None
     d = layer.__dict__
-    if d.get("_capkit_returns") is None:
-        return None
-    if any(a is not None for a in args):
-        return None
-    if kwargs:
-        for key, value in kwargs.items():
-            if key not in _IGNORED and value is not None and value is not False:
-                return None
-    if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3 or hidden_states.dtype != torch.float32 \
-            or not hidden_states.is_cpu or torch.is_autocast_enabled("cpu"):
-        return None
-    if attention_mask is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4
-                                           and attention_mask.is_cpu):
+    if d.get("_capkit_returns") is None or not _call_fits(hidden_states, attention_mask, args, kwargs):
         return None
     found = d.get("_capkit_parts")
     if found is None or not _links_hold(found[5]):
@@ -240,17 +256,13 @@ def fast_layer_applies(layer: nn.Module, hidden_states, attention_mask=None, arg
         d["_capkit_parts"] = found
         if found is None:
             return None
-    sa, linears, ln1, ln2, subs, _, moded = found
+    sa, linears, ln1, ln2 = found[:4]
     config = sa.__dict__.get("config")
     cd = getattr(config, "__dict__", {})
     impl = cd["_attn_implementation_internal"] if "_attn_implementation_internal" in cd else getattr(
         config, "_attn_implementation", None)  # the config's own attribute: its property costs ~3 us
-    if impl != attn.ATTENTION_NAME or not attn._available:
-        return None
-    if any(m.training for m in moded) or not _hooks_inert(subs):
-        return None
     h = hidden_states.shape[-1]
-    if sa.num_attention_heads * sa.attention_head_size != h or not (_fits(ln1, h) and _fits(ln2, h)):
+    if not _modules_fit(found, h, impl):
         return None
     for m in linears:
         if not m._csr_plan_current():
@@ -268,27 +280,13 @@ def _traced_parts(layer: nn.Module, hidden_states, attention_mask, args, kwargs)
     :func:`fast_layer_applies` that a graph can be specialised on (modes, structure, dtypes, the
     attention implementation, hooks); each linear's mask goes to the node, which makes the CSR
     choice when the graph runs."""
-    if torch.is_grad_enabled() or layer.training or torch.is_autocast_enabled("cpu"):
-        return None
-    if any(a is not None for a in args) or any(
-            k not in _IGNORED and v is not None and v is not False for k, v in (kwargs or {}).items()):
-        return None
-    if not (isinstance(hidden_states, torch.Tensor) and hidden_states.dim() == 3
-            and hidden_states.dtype == torch.float32 and hidden_states.is_cpu):
-        return None
-    if attention_mask is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4
-                                           and attention_mask.is_cpu):
+    if torch.is_grad_enabled() or layer.training or not _call_fits(hidden_states, attention_mask, args, kwargs):
         return None
     found = _find_parts(layer)
     if found is None:
         return None
-    sa, linears, ln1, ln2, subs, _, moded = found
-    if getattr(sa.config, "_attn_implementation", None) != attn.ATTENTION_NAME or not attn._available:
-        return None
-    if any(m.training for m in moded) or not _hooks_inert(subs):
-        return None
-    h = hidden_states.shape[-1]
-    if sa.num_attention_heads * sa.attention_head_size != h or not (_fits(ln1, h) and _fits(ln2, h)):
+    sa, linears, ln1, ln2 = found[:4]
+    if not _modules_fit(found, hidden_states.shape[-1], getattr(sa.config, "_attn_implementation", None)):
         return None
     if any(m.weight.dtype != torch.float32 or not m.weight.is_cpu for m in linears):
         return None
@@ -325,11 +323,8 @@ def _run(parts, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tens
     attention kernel, and the three CSR calls with their GELU / residual + LayerNorm steps)."""
     sa, linears, ln1, ln2 = parts
     packs = [m._csr_plan[5] for m in linears]
-    if attention_mask is not None and attention_mask.dtype != torch.float32:
-        attention_mask = (torch.where(attention_mask, 0.0, float("-inf")) if attention_mask.dtype == torch.bool
-                          else attention_mask.to(torch.float32))
     return torch.ops.capkit.encoder_layer_forward(
-        hidden_states.contiguous(), attention_mask, sa.num_attention_heads, float(sa.scaling),
+        hidden_states.contiguous(), attn.additive_mask(attention_mask), sa.num_attention_heads, float(sa.scaling),
         [p.ptr for p in packs], [p.col_idx for p in packs], [p.values for p in packs],
         [m._parameters.get("bias") for m in linears], [p.shape[0] for p in packs], [p.panel for p in packs],
         [p.row_quads for p in packs], *layer_norm_args(ln1), *layer_norm_args(ln2))

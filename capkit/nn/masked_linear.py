@@ -219,8 +219,7 @@ class MaskedLinear(nn.Module):
         took at 384 x 384, 128 tokens and 10% kept on a 2-core Xeon."""
         if torch.compiler.is_compiling():  # first: a graph must not trace the checks below
             return False
-        plan = getattr(self, "_csr_plan", None)  # absent in modules pickled by older versions
-        if plan is None or torch.is_grad_enabled():
+        if torch.is_grad_enabled():
             return False
         if x.dtype != torch.float32 or not x.is_cpu or torch.is_autocast_enabled("cpu"):
             return False
@@ -230,7 +229,7 @@ class MaskedLinear(nn.Module):
         """The module half of :meth:`_csr_plan_holds`: a last CSR decision exists and the mask,
         weight and bias it was made for are unchanged (the caller has checked the call: no
         autograd, CPU fp32 input, no tracing or autocast)."""
-        plan = self.__dict__.get("_csr_plan")
+        plan = self.__dict__.get("_csr_plan")  # absent in modules pickled by older versions
         if plan is None:
             return False
         source, state, bias = plan[0], plan[1], plan[2]

@@ -225,7 +225,7 @@ def _encoder_layer_fused_op(x: torch.Tensor, attention_mask: Optional[torch.Tens
     """``x [B, S, hidden]``; six linears (query, key, value, attention output, feed-forward in,
     feed-forward out) as masked_linear_fused takes them, ``kinds`` and ``backends`` joined by
     commas; the two LayerNorms' parameters and eps. Inference only (the caller checks)."""
-    from capkit.nn.attention import cpu_attention
+    from capkit.nn.attention import additive_mask, cpu_attention
 
     kind, backend = kinds.split(","), backends.split(",")
     b, s, h = x.shape
@@ -240,10 +240,8 @@ def _encoder_layer_fused_op(x: torch.Tensor, attention_mask: Optional[torch.Tens
     ln2 = (ln_weights[1], ln_biases[1], ln_eps[1])
     mask = attention_mask
     if all(p is not None for p in packs):
-        if mask is not None and mask.dtype != torch.float32:
-            mask = torch.where(mask, 0.0, float("-inf")) if mask.dtype == torch.bool else mask.to(torch.float32)
         return torch.ops.capkit.encoder_layer_forward(
-            x.contiguous(), mask, heads, scale, [p.ptr for p in packs], [p.col_idx for p in packs],
+            x.contiguous(), additive_mask(mask), heads, scale, [p.ptr for p in packs], [p.col_idx for p in packs],
             [p.values for p in packs], list(biases), [p.shape[0] for p in packs], [p.panel for p in packs],
             [p.row_quads for p in packs], *ln1, *ln2)
 
