@@ -317,11 +317,6 @@ Tensor encoder_layer_forward_cpu(const Tensor& x, const OptTensor& mask, int64_t
     TORCH_CHECK(out_features[i] == Hd, "capkit: linear ", i, " must have ", Hd, " outputs, got ", out_features[i]);
   const int64_t d = Hd / heads;
   auto contiguous = [](const OptTensor& t) { return t.has_value() ? OptTensor(t->contiguous()) : t; };
-  auto linear = [&](const Tensor& in, int i, int64_t activation, const OptTensor& residual, bool ln,
-                    const OptTensor& w, const OptTensor& b, double eps) {
-    return csr_linear_forward_cpu(in, ptrs[i], col_idx[i], values[i], contiguous(biases.get(i)), out_features[i],
-                                  panels[i], activation, residual, ln, contiguous(w), contiguous(b), eps, quads.get(i));
-  };
   const Tensor x2 = x.view({B * S, Hd});
   auto heads_view = [&](const Tensor& t) { return t.view({B, S, heads, d}).transpose(1, 2); };
   // the three projections in one pass over x (each tile of x transposed once)
@@ -340,7 +335,9 @@ Tensor encoder_layer_forward_cpu(const Tensor& x, const OptTensor& mask, int64_t
   cpu::csr_multi_forward_f32(x.data_ptr<float>(), B * S, Hd, 3, w_qkv, bp, yp);
   const Tensor &q = qkv[0], &k = qkv[1], &v = qkv[2];
   const Tensor ctx = attention_forward_cpu(heads_view(q), heads_view(k), heads_view(v), mask, scale).view({B * S, Hd});
-  const Tensor a = linear(ctx, 3, cpu::kActivationNone, x2, true, ln1_weight, ln1_bias, ln1_eps);
+  const Tensor a = csr_linear_forward_cpu(ctx, ptrs[3], col_idx[3], values[3], contiguous(biases.get(3)), Hd, panels[3],
+                                          cpu::kActivationNone, x2, true, contiguous(ln1_weight), contiguous(ln1_bias),
+                                          ln1_eps, quads.get(3));
   // the feed-forward block in one pass (its hidden activations stay in the threads' caches)
   const int64_t inter = out_features[4];
   const OptTensor b_in = contiguous(biases.get(4)), b_out = contiguous(biases.get(5));

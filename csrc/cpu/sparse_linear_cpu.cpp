@@ -465,6 +465,10 @@ struct Csr {
   const uint8_t* quads;  // nullable: quads[g] != 0 when rows 4g .. 4g + 3 store the same columns
 };
 
+Csr make_csr(const CsrMatrix& w, int64_t K) {  // K: the input features the panels cut
+  return Csr{w.ptr, w.col_idx, w.values, w.rows, w.panel > 0 && K > 0 ? cdiv(K, w.panel) : 1, w.quads};
+}
+
 // Output rows [n0, n0 + nrows) for the tokens of one tile (xtile [K][tok]) into out [nrows][tok],
 // panel by panel (so that the panel's rows of xT stay cached while every output row reads them;
 // out holds the partial sums between panels). out keeps the layout of xT: it is the next layer's
@@ -554,62 +558,16 @@ void transpose_f32(const float* src, int64_t ls, int64_t rows, int64_t cols, flo
 void csr_linear_forward_f32(const float* x, const int32_t* ptr, const int32_t* col_idx, const float* values,
                             const float* bias, float* y, int64_t M, int64_t N, int64_t K, int64_t panel,
                             const Epilogue& ep, const uint8_t* quads) {
-  if (M == 0 || N == 0) return;
-  const Csr w{ptr, col_idx, values, N, panel > 0 && K > 0 ? cdiv(K, panel) : 1, quads};
-  const int threads = cpu_max_threads();
-  const int64_t tok = tile_width(M, threads);
-  const int64_t n_tiles = cdiv(M, tok);
-  const int64_t tile_floats = std::max<int64_t>(K, 1) * tok;
-  if (n_tiles >= threads) {
-    // A tile per thread at least: each thread transposes a tile into its own buffer (which stays
-    // in its L2) and computes every output row for it; x is read once and xT never goes to
-    // memory. Measured on a 2-core Xeon (AVX-512), 10% density, 128 tokens, against the shared
-    // buffer below with 64-token tiles: 45 against 81 us at K = N = 384, 554 against 715 us at
-    // K = 3072, N = 768 (the other core's tiles came through its cache).
-#pragma omp parallel
-    {
-      float* xtile = scratch<0>(static_cast<size_t>(tile_floats));
-      float* out = scratch<1>(static_cast<size_t>(N) * tok);
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t tile = 0; tile < n_tiles; ++tile) {
-        const int64_t m0 = tile * tok, ntok = std::min<int64_t>(tok, M - m0);
-        transpose_tile(x, M, K, tile, tok, xtile);
-        tile_rows(xtile, tok, ntok, 0, N, w, bias, out);
-        finish_tile(out, tok, m0, ntok, 0, N, y, N, ep, ep.layer_norm);
-      }
-    }
-    return;
-  }
-  // Fewer tiles than threads (a handful of tokens): all tiles transposed up front into one shared
-  // buffer, then tasks of (tile, chunk of output rows), so that the output rows spread over the
-  // threads; one parallel region for both (the barrier of the first loop orders them).
-  const int64_t n_chunks = cdiv(N, kRowChunk);
-  float* const xtb = scratch<0>(static_cast<size_t>(n_tiles) * tile_floats);  // the calling thread's
-#pragma omp parallel
-  {
-#pragma omp for schedule(static)
-    for (int64_t tile = 0; tile < n_tiles; ++tile) transpose_tile(x, M, K, tile, tok, xtb + tile * tile_floats);
-    alignas(64) float out[kRowChunk * kTok];
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < n_tiles * n_chunks; ++task) {
-      const int64_t tile = task / n_chunks, n0 = (task % n_chunks) * kRowChunk;
-      const int64_t m0 = tile * tok, ntok = std::min<int64_t>(tok, M - m0), rows = std::min<int64_t>(kRowChunk, N - n0);
-      tile_rows(xtb + tile * tile_floats, tok, ntok, n0, rows, w, bias, out);
-      finish_tile(out, tok, m0, ntok, n0, rows, y, N, ep, false);
-    }
-    if (ep.layer_norm) {  // the rows of a token were split over tasks: normalise once all are done
-#pragma omp for schedule(static)
-      for (int64_t m = 0; m < M; ++m) layer_norm_row(y + m * N, N, ep);
-    }
-  }
+  CsrMatrix w;
+  w.ptr = ptr, w.col_idx = col_idx, w.values = values, w.rows = N, w.panel = panel, w.quads = quads;
+  csr_multi_forward_f32(x, M, K, 1, &w, &bias, &y, &ep);
 }
 
 void csr_ffn_forward_f32(const float* x, int64_t M, int64_t K, const CsrMatrix& w1, const float* b1,
                          int hidden_activation, const CsrMatrix& w2, const float* b2, float* y, const Epilogue& ep) {
   const int64_t N1 = w1.rows, N2 = w2.rows;
   if (M == 0 || N2 == 0) return;
-  const Csr c1{w1.ptr, w1.col_idx, w1.values, N1, w1.panel > 0 && K > 0 ? cdiv(K, w1.panel) : 1, w1.quads};
-  const Csr c2{w2.ptr, w2.col_idx, w2.values, N2, w2.panel > 0 && N1 > 0 ? cdiv(N1, w2.panel) : 1, w2.quads};
+  const Csr c1 = make_csr(w1, K), c2 = make_csr(w2, N1);
   const int threads = cpu_max_threads();
   const int64_t tok = tile_width(M, threads);
   const int64_t n_tiles = cdiv(M, tok);
@@ -634,7 +592,7 @@ void csr_ffn_forward_f32(const float* x, int64_t M, int64_t K, const CsrMatrix& 
     }
     return;
   }
-  // A handful of tokens: as in csr_linear_forward_f32, tasks of (tile, chunk of rows), first of
+  // A handful of tokens: as in csr_multi_forward_f32, tasks of (tile, chunk of rows), first of
   // the first layer into one shared h, then (after the loop's barrier) of the second.
   const int64_t n_chunks1 = cdiv(N1, kRowChunk), n_chunks2 = cdiv(N2, kRowChunk);
   float* const xtb = scratch<0>(static_cast<size_t>(n_tiles) * x_floats);  // the calling thread's
@@ -667,22 +625,27 @@ void csr_ffn_forward_f32(const float* x, int64_t M, int64_t K, const CsrMatrix& 
 }
 
 void csr_multi_forward_f32(const float* x, int64_t M, int64_t K, int count, const CsrMatrix* ws,
-                           const float* const* biases, float* const* ys) {
+                           const float* const* biases, float* const* ys, const Epilogue* eps) {
   if (M == 0 || count <= 0) return;
   std::vector<Csr> c(count);
   int64_t widest = 0, n_chunks = 0;
   for (int j = 0; j < count; ++j) {
-    c[j] = Csr{ws[j].ptr, ws[j].col_idx, ws[j].values, ws[j].rows, ws[j].panel > 0 && K > 0 ? cdiv(K, ws[j].panel) : 1,
-                ws[j].quads};
+    c[j] = make_csr(ws[j], K);
     widest = std::max(widest, ws[j].rows);
     n_chunks += cdiv(ws[j].rows, kRowChunk);
   }
   const Epilogue none;
+  auto ep = [&](int j) -> const Epilogue& { return eps ? eps[j] : none; };
   const int threads = cpu_max_threads();
   const int64_t tok = tile_width(M, threads);
   const int64_t n_tiles = cdiv(M, tok);
   const int64_t tile_floats = std::max<int64_t>(K, 1) * tok;
-  if (n_tiles >= threads) {  // per tile: x into xT once, then every weight's rows
+  if (n_tiles >= threads) {
+    // A tile per thread at least: each thread transposes a tile into its own buffer (which stays
+    // in its L2) once and computes every output row of every weight for it; x is read once and
+    // xT never goes to memory. Measured on a 2-core Xeon (AVX-512), 10% density, 128 tokens,
+    // against the shared buffer below with 64-token tiles: 45 against 81 us at K = N = 384, 554
+    // against 715 us at K = 3072, N = 768 (the other core's tiles came through its cache).
 #pragma omp parallel
     {
       float* xtile = scratch<0>(static_cast<size_t>(tile_floats));
@@ -692,14 +655,17 @@ void csr_multi_forward_f32(const float* x, int64_t M, int64_t K, int count, cons
         const int64_t m0 = tile * tok, ntok = std::min<int64_t>(tok, M - m0);
         transpose_tile(x, M, K, tile, tok, xtile);
         for (int j = 0; j < count; ++j) {
+          if (c[j].rows == 0) continue;
           tile_rows(xtile, tok, ntok, 0, c[j].rows, c[j], biases[j], out);
-          finish_tile(out, tok, m0, ntok, 0, c[j].rows, ys[j], c[j].rows, none, false);
+          finish_tile(out, tok, m0, ntok, 0, c[j].rows, ys[j], c[j].rows, ep(j), ep(j).layer_norm);
         }
       }
     }
     return;
   }
-  // A handful of tokens: tasks of (tile, weight, chunk of its rows) on the shared xT.
+  // Fewer tiles than threads (a handful of tokens): all tiles transposed up front into one shared
+  // buffer, then tasks of (tile, weight, chunk of its output rows), so that the output rows spread
+  // over the threads; one parallel region for all (the barrier of each loop orders them).
   std::vector<std::pair<int, int64_t>> chunks;  // (weight, first row)
   chunks.reserve(static_cast<size_t>(n_chunks));
   for (int j = 0; j < count; ++j)
@@ -717,7 +683,12 @@ void csr_multi_forward_f32(const float* x, int64_t M, int64_t K, int count, cons
       const int64_t m0 = tile * tok, ntok = std::min<int64_t>(tok, M - m0);
       const int64_t rows = std::min<int64_t>(kRowChunk, c[j].rows - n0);
       tile_rows(xtb + tile * tile_floats, tok, ntok, n0, rows, c[j], biases[j], out);
-      finish_tile(out, tok, m0, ntok, n0, rows, ys[j], c[j].rows, none, false);
+      finish_tile(out, tok, m0, ntok, n0, rows, ys[j], c[j].rows, ep(j), false);
+    }
+    for (int j = 0; j < count; ++j) {  // a token's rows were split over tasks: normalise once all are done
+      if (!ep(j).layer_norm || c[j].rows == 0) continue;
+#pragma omp for schedule(static)
+      for (int64_t m = 0; m < M; ++m) layer_norm_row(ys[j] + m * c[j].rows, c[j].rows, ep(j));
     }
   }
 }

@@ -69,10 +69,11 @@ void csr_ffn_forward_f32(const float* x, int64_t M, int64_t K, const CsrMatrix& 
                          const Epilogue& epilogue = Epilogue());
 
 // Several CSR layers on the same input in one pass (a layer's query, key and value projections):
-// ys[j] [M, ws[j].rows] = x [M, K] @ W_j^T + biases[j] (nullable), each x tile transposed once for
-// all of them. The same floats as one csr_linear_forward_f32 call per weight.
+// ys[j] [M, ws[j].rows] = x [M, K] @ W_j^T + biases[j] (nullable), then eps[j] (eps nullable: no
+// steps), each x tile transposed once for all of them. csr_linear_forward_f32 is this with one
+// weight.
 void csr_multi_forward_f32(const float* x, int64_t M, int64_t K, int count, const CsrMatrix* ws,
-                           const float* const* biases, float* const* ys);
+                           const float* const* biases, float* const* ys, const Epilogue* eps = nullptr);
 
 }  // namespace cpu
 }  // namespace capkit
