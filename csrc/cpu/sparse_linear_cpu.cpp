@@ -84,9 +84,10 @@ __attribute__((target("avx2,fma"))) inline void transpose8x8(const float* src, i
 
 // dst[c * ld + r] = src[r * ls + c] for r < rows, c < cols, in 8 x 8 blocks. The loop order keeps
 // the side with the wide stride sequential. Rows outer (8 rows of src read along, every dst row
-// open) where src has the wider stride: x into xT, whose 1536-float rows read 64 at a time one line
-// each defeated the prefetchers (4,096 tokens, 1536 -> 384, 32 x 32 blocks at 10%: 4.6 ms this way,
-// 5.4 ms the other). Blocks of 16 columns outer (16 dst rows written along, each src line read
+// open) where src has the wider stride: x into xT, whose 1536-float rows, read 64 at a time one line
+// each, ran slower (2 threads, 4,096 tokens, 1536 -> 384, 32 x 32 blocks at 10%, both builds with
+// the register broadcast of the time: 4.96-5.32 ms this way, 5.44-6.49 ms the other; the
+// prefetchers are the suspect, not measured). Blocks of 16 columns outer (16 dst rows written along, each src line read
 // once) where dst has it: the output tile into y, where the rows-outer order kept 64 dst lines open
 // at a 6 KiB stride, which fall into two L1 sets (one core, 64 tokens, 10% density, 384 -> 1536:
 // 145-149 us that way, 114-117 us this way; the row loops alone, without any transpose: 96 us).
@@ -208,9 +209,9 @@ __attribute__((target("avx512f"))) void row_avx512(const float* xt, int64_t ld, 
   }
   // One broadcast from memory per weight. Sixteen weights loaded at once and broadcast from the
   // register (a shuffle) measured faster in a copy of this loop alone, but not in the whole kernel:
-  // 2 threads on the 2-core Xeon, 1536 -> 384 at 4,096 tokens, 32 x 32 blocks at 10%: 4.40-4.67
-  // ms this way, 4.51-4.98 ms with the shuffles; 384 -> 1536 at 128 tokens, 10%: 114-118 against
-  // 116-122 us.
+  // 2 threads on the 2-core Xeon, 1536 -> 384 at 4,096 tokens, 32 x 32 blocks at 10%: 4.49-4.67
+  // ms this way, 4.98-4.99 ms with the shuffles; 384 -> 1536 at 128 tokens, random 10%: 114-118
+  // against 122 us (two runs each).
   for (; e < e1; ++e) {
     const __m512 w = _mm512_set1_ps(val[e]);
     const float* p = xt + static_cast<int64_t>(idx[e]) * ld;
